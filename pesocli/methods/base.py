@@ -1,0 +1,165 @@
+"""The method interface (Algorithm 1 of the PESO paper as a strategy).
+
+A method is the triple (parametrisation ``M_k``, ``UpdateSubspace``, ``Opt``) plus a schedule.
+The trainer knows only this interface: it asks :meth:`Method.build_delta` for each adapted
+layer's trainable module, asks :meth:`Method.restart_due` before every optimizer step, hands
+:meth:`Method.restart` the full-gradient estimates when a restart is due, and calls
+:meth:`Method.before_step` between backward and ``optimizer.step()``.
+
+Orientation (the one convention inside peso, see ``pesocli/layers.py``): a layer's weight is
+``(out, in)`` like ``nn.Linear``; the paper's ``A (m x r)`` is ``lora_B (out, r)`` and the
+paper's ``B (r x n)`` is ``lora_A (r, in)``; ``Delta W = scale * lora_B @ lora_A``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pesocli.fullgrad import GradientEstimate
+    from pesocli.layers import AdaptedLinear
+    from pesocli.optim import PesoAdamW
+
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """Fields every method shares. Each method subclasses this with its own keyword-only fields."""
+
+    rank: int = 8
+    """Adapter rank ``r``."""
+    alpha: float = 16.0
+    """LoRA alpha; the adapter scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``)."""
+    rslora: bool = False
+    """Use rank-stabilised scaling ``alpha / sqrt(r)``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (as PEFT's ``lora_dropout``)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """Module-name patterns to adapt: a plain name matches the last component of a module's
+    dotted name (``q_proj``); a pattern with a ``.`` or regex characters is a full-name regex."""
+    anchor_mode: str = "lowrank"
+    """How absorbed history ``W~ - W0`` is held: ``lowrank`` (stacked pair) or ``dense``."""
+    anchor_rank_cap: int = 256
+    """Re-compress a low-rank anchor (exactly, QR + small SVD) when its rank passes this."""
+
+    def validate(self) -> list[str]:
+        """Return one message per bad field (empty when valid)."""
+        errors = []
+        if self.rank < 1:
+            errors.append(f"method.rank must be >= 1 (got {self.rank})")
+        if self.alpha <= 0:
+            errors.append(f"method.alpha must be > 0 (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"method.dropout must be in [0, 1) (got {self.dropout})")
+        if not self.target_modules:
+            errors.append("method.target_modules must name at least one module")
+        if self.anchor_mode not in ("lowrank", "dense"):
+            errors.append(f"method.anchor_mode must be lowrank or dense (got {self.anchor_mode!r})")
+        if self.anchor_rank_cap < 1:
+            errors.append(f"method.anchor_rank_cap must be >= 1 (got {self.anchor_rank_cap})")
+        return errors
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale ``s`` (``alpha / r`` or ``alpha / sqrt(r)``)."""
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class RestartRecord:
+    """One layer's outcome of one restart or subspace event (a line of ``restarts.jsonl``)."""
+
+    step: int
+    layer: str
+    method: str
+    kind: str = "restart"
+    rank: int = 0
+    top_singular_values: list[float] = field(default_factory=list)
+    captured_energy: float | None = None
+    """Energy of the top-r subspace relative to the (sketched) total ``||G||_F^2``."""
+    principal_angle_deg: float | None = None
+    """Largest principal angle between the new and the previous column subspace (degrees)."""
+    anchor_rank: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RestartContext:
+    """What :meth:`Method.restart` receives from the trainer."""
+
+    step: int
+    layers: dict[str, AdaptedLinear]
+    optimizer: PesoAdamW
+    gradients: dict[str, GradientEstimate] | None
+    """Full-gradient estimates per layer (``None`` when the method needs none)."""
+
+
+class Method(ABC):
+    """One training method. Subclasses set ``name``, ``Config`` and implement the hooks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_full_gradient: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.total_steps = 0
+        self.steps_per_epoch = 0
+
+    def setup(self, *, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before training with the run's length (for per-epoch schedules)."""
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+
+    @abstractmethod
+    def build_delta(self, out_features: int, in_features: int) -> nn.Module:
+        """The trainable parametrisation of one layer: a module mapping ``x (..., in)`` to ``(..., out)``."""
+
+    def restart_due(self, step: int) -> bool:
+        """Whether a restart/subspace update happens before optimizer step ``step`` (0-based)."""
+        return False
+
+    def sketch_rank(self) -> int:
+        """Rank of the full-gradient estimate a restart needs."""
+        return self.config.rank
+
+    def restart(self, ctx: RestartContext) -> list[RestartRecord]:
+        """Update subspaces (and anchors, and optimizer state) of every layer; return records."""
+        return []
+
+    def before_step(self, layers: dict[str, AdaptedLinear], optimizer: PesoAdamW, step: int) -> None:  # noqa: B027
+        """Hook between backward and ``optimizer.step()`` (gradients are in ``.grad``)."""
+
+    def lora_factors(self, delta: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The delta as exact LoRA factors ``(lora_A (r, in), lora_B (out, r), scale)`` for export."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable method state (restart counters, schedule position)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

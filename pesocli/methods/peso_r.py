@@ -1,0 +1,258 @@
+"""``peso-r``: PESO-LoRA-R, LoRA with full-gradient restarts (Algorithm 5 + Appendix D).
+
+Schedule: a restart precedes step 0 and then every ``K = restart_every`` steps (and/or
+``restarts_per_epoch`` times per epoch; see :mod:`pesocli.methods.schedule`).
+
+Step 0 (no history yet) is LoRA-One's initialisation with ``gamma`` (Appendix F: "when k = 0,
+the scale parameter is set the same as in LoRA-One"). Every later restart, per layer, with
+paper factors ``A = sqrt(s) lora_B (out, r)``, ``B = sqrt(s) lora_A (r, in)`` and the top-r SVD
+``-G ~ U Sigma V^T`` of the (sketched) full gradient:
+
+1. D.1 bases: ``A = Q_A R_A``, ``B^T = Q_B R_B``; Procrustes-aligned ``U^ = U R_U^T``,
+   ``V^ = V R_V^T``; EMA ``U_ema = tau1 Q_A + (1 - tau1) U^`` (same for ``V``).
+2. D.1 scaling: ``S_new = tau2 U_ema^T (A B) V_ema - (1 - tau2) / gamma_later U_ema^T G V_ema``,
+   refactorised by SVD with a balanced split: ``A_new = U_ema R_L Sigma^1/2``,
+   ``B_new = Sigma^1/2 R_R^T V_ema^T``.
+3. Anchor (Algorithm 5 line 5) - see ``anchor_update`` below.
+4. D.1 momentum rotation ``m_A <- m_A T_A``, ``m_B <- T_B^T m_B`` with ``T_A = Q_A^T U_ema``,
+   ``T_B = Q_B^T V_ema``.
+5. D.2 at the first step after the restart (:meth:`PesoR.before_step`): ``v <- (||g||^2 / ||v||) v``,
+   ``m <- (||g|| / ||m||) m`` with RMS norms, and ``beta2`` cosine warm-up from ``beta2_min``
+   (0.95) to the optimizer's ``beta2`` over ``T = floor(K / 3)`` updates.
+
+Deviations, each a switch:
+- ``orthonormal_ema`` (default on): ``U_ema``/``V_ema`` are replaced by their nearest
+  orthonormal matrices (polar factor). The paper's EMA of two orthonormal bases is not
+  orthonormal, so ``U_ema^T (A B) V_ema`` would not be a projection. Off = as written.
+- ``anchor_update``: the paper absorbs the whole old adapter ``A B`` into the anchor *and*
+  puts ``tau2`` times its projection back into ``(A_new, B_new)``, so the model counts it
+  ``1 + tau2`` times. ``paper`` does exactly that. ``continuous`` absorbs
+  ``A B - tau2 U_ema S_old V_ema^T`` instead, so a restart moves the model only by the
+  projected gradient step ``(1 - tau2) / gamma_later U_ema^T(-G)V_ema``. The default is the
+  one that measured better; see ``docs/BENCHMARKS.md`` ("peso-r anchor update") and
+  ``scripts/anchor_variants.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pesocli.linalg import balanced_split, orthonormal_basis, principal_angles_deg, procrustes_align, rms
+from pesocli.methods.base import Method, RestartContext, RestartRecord
+from pesocli.methods.lora import LoRADelta
+from pesocli.methods.lora_one import LoRAOneConfig, lora_one_factors, negated_top_r
+from pesocli.methods.schedule import restart_due
+
+
+@dataclass(kw_only=True)
+class PesoRConfig(LoRAOneConfig):
+    restart_every: int | None = 500
+    """Restart frequency ``K`` in optimizer steps (``None``: only ``restarts_per_epoch``)."""
+    restarts_per_epoch: int | None = None
+    """Evenly spaced restarts per epoch, or with ``restart_every`` a cap per epoch."""
+    gamma_later: float = 1.0
+    """``gamma`` of every restart after the first (Appendix F: 1)."""
+    tau1: float = 0.9
+    """EMA weight of the old bases (Appendix D.1)."""
+    tau2: float = 0.9
+    """EMA weight of the old adapter's scaling (Appendix D.1)."""
+    beta2_min: float = 0.95
+    """``beta2`` right after a restart (D.2)."""
+    beta2_window: int | None = None
+    """``beta2`` warm-up length ``T`` (default ``floor(K / 3)``)."""
+    anchor_update: str = "continuous"
+    """``continuous`` (model moves only by the gradient step) or ``paper`` (absorb all of ``AB``)."""
+    orthonormal_ema: bool = True
+    """Replace the EMA bases by their nearest orthonormal matrices (deviation, see module doc)."""
+    rotate_momentum: bool = True
+    """Rotate first moments into the new bases (D.1)."""
+    rescale_moments: bool = True
+    """RMS-rescale moments from the first post-restart gradient (D.2)."""
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.restart_every is not None and self.restart_every < 1:
+            errors.append(f"method.restart_every (K) must be >= 1 (got {self.restart_every})")
+        if self.restarts_per_epoch is not None and self.restarts_per_epoch < 1:
+            errors.append(f"method.restarts_per_epoch must be >= 1 (got {self.restarts_per_epoch})")
+        if self.restart_every is None and self.restarts_per_epoch is None:
+            errors.append("method.restart_every or method.restarts_per_epoch must be set")
+        for key in ("tau1", "tau2"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                errors.append(f"method.{key} must be in [0, 1] (got {getattr(self, key)})")
+        if self.gamma_later <= 0:
+            errors.append(f"method.gamma_later must be > 0 (got {self.gamma_later})")
+        if not 0.0 < self.beta2_min < 1.0:
+            errors.append(f"method.beta2_min must be in (0, 1) (got {self.beta2_min})")
+        if self.anchor_update not in ("continuous", "paper"):
+            errors.append(f"method.anchor_update must be continuous or paper (got {self.anchor_update!r})")
+        return errors
+
+
+def nearest_orthonormal(matrix: torch.Tensor) -> torch.Tensor:
+    """Polar factor ``P Q^T`` of ``matrix = P Sigma Q^T`` (the closest matrix with orthonormal columns)."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+@dataclass
+class AlignedRestart:
+    """The result of D.1 for one layer (all in the paper's orientation)."""
+
+    a_new: torch.Tensor  # (out, r)
+    b_new: torch.Tensor  # (r, in)
+    absorb_up: torch.Tensor  # (out, k)
+    absorb_down: torch.Tensor  # (k, in)
+    rotate_a: torch.Tensor  # T_A (r, r)
+    rotate_b: torch.Tensor  # T_B (r, r)
+    old_basis: torch.Tensor  # Q_A (out, r)
+
+
+def align_restart(a: torch.Tensor, b: torch.Tensor, estimate, cfg: PesoRConfig) -> AlignedRestart:
+    """Appendix D.1 for one layer: ``a (out, r)``, ``b (r, in)`` are the paper's ``A``, ``B``."""
+    rank = a.shape[1]
+    q_a, _ = orthonormal_basis(a)
+    q_b, _ = orthonormal_basis(b.T)
+    u, _, v = negated_top_r(estimate, rank)
+    u_ema = cfg.tau1 * q_a + (1 - cfg.tau1) * procrustes_align(u, q_a)
+    v_ema = cfg.tau1 * q_b + (1 - cfg.tau1) * procrustes_align(v, q_b)
+    if cfg.orthonormal_ema:
+        u_ema, v_ema = nearest_orthonormal(u_ema), nearest_orthonormal(v_ema)
+    s_old = (u_ema.T @ a) @ (b @ v_ema)
+    s_grad = -estimate.project(u_ema, v_ema) / cfg.gamma_later
+    left, right = balanced_split(cfg.tau2 * s_old + (1 - cfg.tau2) * s_grad)
+    if cfg.anchor_update == "paper":
+        absorb_up, absorb_down = a, b
+    else:
+        absorb_up = torch.cat([a, -cfg.tau2 * (u_ema @ s_old)], dim=1)
+        absorb_down = torch.cat([b, v_ema.T], dim=0)
+    return AlignedRestart(
+        a_new=u_ema @ left,
+        b_new=right @ v_ema.T,
+        absorb_up=absorb_up,
+        absorb_down=absorb_down,
+        rotate_a=q_a.T @ u_ema,
+        rotate_b=q_b.T @ v_ema,
+        old_basis=q_a,
+    )
+
+
+class PesoR(Method):
+    name = "peso-r"
+    Config = PesoRConfig
+    needs_full_gradient = True
+
+    def __init__(self, config: PesoRConfig) -> None:
+        super().__init__(config)
+        self.restarts_done = 0
+        self.rescale_pending = False
+
+    def build_delta(self, out_features: int, in_features: int) -> LoRADelta:
+        c = self.config
+        return LoRADelta(out_features, in_features, c.rank, c.scale, c.dropout)
+
+    def restart_due(self, step: int) -> bool:
+        c = self.config
+        return restart_due(
+            step, every=c.restart_every, per_epoch=c.restarts_per_epoch, steps_per_epoch=self.steps_per_epoch
+        )
+
+    @property
+    def beta2_window(self) -> int:
+        c = self.config
+        if c.beta2_window is not None:
+            return c.beta2_window
+        k = c.restart_every or max(self.steps_per_epoch // (c.restarts_per_epoch or 1), 1)
+        return k // 3
+
+    def restart(self, ctx: RestartContext) -> list[RestartRecord]:
+        first = self.restarts_done == 0
+        records = [self._restart_layer(ctx, name, layer, first) for name, layer in ctx.layers.items()]
+        self.restarts_done += 1
+        self.rescale_pending = not first and self.config.rescale_moments
+        return records
+
+    def _restart_layer(self, ctx: RestartContext, name: str, layer, first: bool) -> RestartRecord:
+        c = self.config
+        start = time.perf_counter()
+        delta: LoRADelta = layer.delta
+        estimate = ctx.gradients[name]
+        opt = ctx.optimizer
+        a, b = delta.paper_factors()
+        angle = None
+        if first or float(a.norm()) == 0.0 or float(b.norm()) == 0.0:
+            u, s, v = negated_top_r(estimate, c.rank)
+            lora_b, lora_a = lora_one_factors(u, s, v, c.gamma)
+            with torch.no_grad():
+                delta.lora_B.copy_(lora_b)
+                delta.lora_A.copy_(lora_a)
+            for param in delta.parameters():
+                opt.reset_state(param)
+            kind = "init"
+        else:
+            a, b = a.float(), b.float()
+            aligned = align_restart(a, b, estimate, c)
+            layer.anchor.absorb(aligned.absorb_up, aligned.absorb_down)
+            delta.set_product(aligned.a_new, aligned.b_new)
+            if c.rotate_momentum:
+                m_b, _ = opt.moments(delta.lora_B)  # lora_B is the paper's A: m_A <- m_A T_A
+                m_b.copy_(m_b @ aligned.rotate_a.to(m_b.dtype))
+                m_a, _ = opt.moments(delta.lora_A)  # lora_A is the paper's B: m_B <- T_B^T m_B
+                m_a.copy_(aligned.rotate_b.T.to(m_a.dtype) @ m_a)
+            for param in (delta.lora_A, delta.lora_B):
+                opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min)
+            angle = float(principal_angles_deg(aligned.old_basis, aligned.a_new).max())
+            s = negated_top_r(estimate, c.rank)[1]
+            kind = "restart"
+        return RestartRecord(
+            step=ctx.step,
+            layer=name,
+            method=self.name,
+            kind=kind,
+            rank=c.rank,
+            top_singular_values=s.tolist(),
+            captured_energy=estimate.captured_energy(c.rank),
+            principal_angle_deg=angle,
+            anchor_rank=layer.anchor.rank,
+            seconds=time.perf_counter() - start,
+            extra={"gamma": c.gamma if kind == "init" else c.gamma_later, "anchor_update": c.anchor_update},
+        )
+
+    def before_step(self, layers, optimizer, step: int) -> None:
+        if not self.rescale_pending:
+            return
+        self.rescale_pending = False
+        for layer in layers.values():
+            for param in (layer.delta.lora_A, layer.delta.lora_B):
+                if param.grad is None:
+                    continue
+                rescale_moments(optimizer, param, param.grad)
+
+    def lora_factors(self, delta: LoRADelta):
+        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
+
+    def state_dict(self) -> dict:
+        return {"restarts_done": self.restarts_done, "rescale_pending": self.rescale_pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restarts_done = int(state["restarts_done"])
+        self.rescale_pending = bool(state["rescale_pending"])
+
+
+def rescale_moments(optimizer, param: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """D.2: ``v <- (||g||^2 / ||v||) v`` and ``m <- (||g|| / ||m||) m`` with RMS norms.
+
+    Returns the factors ``(s_m, s_v)`` (1.0 where a moment is zero and is left alone).
+    """
+    m, v = optimizer.moments(param)
+    g = rms(grad)
+    rm, rv = rms(m), rms(v)
+    s_m = g / rm if rm > 0 and math.isfinite(g / rm) else 1.0
+    s_v = g * g / rv if rv > 0 and math.isfinite(g * g / rv) else 1.0
+    m.mul_(s_m)
+    v.mul_(s_v)
+    return s_m, s_v

@@ -1,0 +1,264 @@
+"""Finding and loading backbones: the built-in tiny Llama, local folders and the offline HF cache.
+
+peso never downloads weights. ``--model`` takes ``tiny``, a local folder written by
+``save_pretrained``, a Hugging Face id already in the local cache, or a short alias from
+:data:`MODEL_ALIASES`. Everything heavy (torch, transformers) is imported inside functions so the
+CLI's ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pesocli.errors import ConfigError, ModelError, NotBuiltError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from pesocli.config import ModelConfig
+
+MODEL_ALIASES: dict[str, str] = {
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.3",
+}
+"""Short names accepted by ``--model``, mapped to Hugging Face repository ids (the one table)."""
+
+TINY = "tiny"
+"""The built-in tiny Llama (``--model tiny``, the default)."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Sizes shared by every tiny family: small enough for a CPU run in a minute, with GQA
+# (4 query heads over 2 key/value heads) so the k/v projections are narrower than q/o.
+_TINY_SIZES: dict[str, Any] = {
+    "hidden_size": 96,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a ``--model`` value points."""
+
+    kind: str
+    """``tiny`` (built in), ``folder`` (a local directory) or ``hub_cache`` (a snapshot in the HF cache)."""
+    path: Path | None
+    """The folder to load from (``None`` for ``tiny``)."""
+    name: str
+    """What the user passed (alias, id, folder or ``tiny``)."""
+    repo_id: str | None = None
+    """The Hugging Face id for ``hub_cache`` models."""
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache peso looks in (``HF_HUB_CACHE`` / ``HF_HOME`` aware)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_model(name: str, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """Resolve ``tiny``, a folder, an alias or an ``org/name`` id to something loadable, offline.
+
+    Raises :class:`ModelError` (one line) when a folder does not exist, an id is not in the cache
+    (saying where it looked and how to pass a folder), or a short name is not a known alias.
+    """
+    if name == TINY:
+        return ResolvedModel(kind="tiny", path=None, name=name)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return ResolvedModel(kind="folder", path=folder.resolve(), name=name)
+    repo_id = MODEL_ALIASES.get(name.lower())
+    if repo_id is None and _HUB_ID.match(name) and not folder.exists():
+        repo_id = name
+    if repo_id is None:
+        if name.startswith((".", "/", "~")) or "/" in name or "\\" in name:
+            raise ModelError(f"model folder {str(folder)!r} does not exist")
+        aliases = ", ".join(sorted(MODEL_ALIASES))
+        raise ModelError(
+            f"unknown model {name!r}: pass 'tiny', a local folder, a Hugging Face id (org/name) "
+            f"or an alias ({aliases})"
+        )
+    return ResolvedModel(kind="hub_cache", path=_cached_snapshot(repo_id, name, cache_dir), name=name,
+                         repo_id=repo_id)
+
+
+def _cached_snapshot(repo_id: str, name: str, cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    try:
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError and friends: the weights are not here
+        what = repo_id if name == repo_id else f"{repo_id} (alias {name})"
+        raise ModelError(
+            f"model {what} is not in the Hugging Face cache at {cache} and peso never downloads; "
+            f"download it first (hf download {repo_id}) or pass a local folder: --model /path/to/folder"
+        ) from exc
+    if not (snapshot / "config.json").is_file():
+        raise ModelError(f"cached snapshot {snapshot} of {repo_id} has no config.json; pass a full folder")
+    return snapshot
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"train.device: not a device: {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        version = torch.__version__
+        raise ConfigError(f"train.device: {name} requested but no CUDA device is visible (torch {version})")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> BF16 on CUDA, FP32 elsewhere; ``bf16`` / ``fp32`` as named."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ConfigError(f"model.dtype: expected auto, bf16 or fp32 (got {name!r})")
+    return table[name]
+
+
+def tiny_model_config(family: str, vocab_size: int, **overrides: Any) -> PretrainedConfig:
+    """A tiny config of ``llama``, ``qwen2`` or ``mistral`` (2 layers, hidden 96, GQA 4/2 heads)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    families = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if family not in families:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {', '.join(families)}")
+    kwargs = {**_TINY_SIZES, "vocab_size": vocab_size, **overrides}
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return families[family](**kwargs)
+
+
+def load_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer shipped in ``pesocli/assets/tiny-tokenizer/`` (pad token set)."""
+    from transformers import AutoTokenizer
+
+    from pesocli.paths import tiny_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()), local_files_only=True)
+    return _ensure_pad_token(tokenizer)
+
+
+TINY_LM_HEAD_STD = 0.1
+"""Init std of the tiny model's ``lm_head`` (the rest uses transformers' 0.02).
+
+Adapters never touch ``lm_head`` or the final norm, and the normed hidden state has RMS 1, so a
+logit can reach at most about ``std * hidden`` (~2 with 0.02): too flat for a frozen random
+backbone to express confident predictions. With 0.1 the adapters can learn the shipped data."""
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    """The built-in tiny Llama in FP32, initialised from ``seed`` without touching the global RNG.
+
+    Random weights (nothing is downloaded); ``lm_head`` gets std :data:`TINY_LM_HEAD_STD`.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = tiny_model_config(
+        "llama",
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        torch.nn.init.normal_(model.lm_head.weight, std=TINY_LM_HEAD_STD)
+    return model.float()
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, device: torch.device | str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the backbone (on ``device``, in ``cfg.dtype``) and its tokenizer; never touches the network."""
+    import torch
+
+    device = torch.device(device)
+    if cfg.quant != "none":
+        raise NotBuiltError(f"model.quant {cfg.quant!r}: quantised backbones arrive with [scale]")
+    dtype = resolve_dtype(cfg.dtype, device)
+    resolved = resolve_model(cfg.name)
+    if resolved.kind == "tiny":
+        tokenizer = load_tiny_tokenizer()
+        model = build_tiny_model(tokenizer).to(dtype)
+        return model.to(device), tokenizer
+    assert resolved.path is not None
+    if not (resolved.path / "config.json").is_file():
+        raise ModelError(f"{resolved.path} is not a model folder (no config.json)")
+    tokenizer = _load_tokenizer(resolved.path, cfg.trust_remote_code)
+    model = _load_model(resolved.path, dtype, cfg.trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from exc
+    return _ensure_pad_token(tokenizer)
+
+
+def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56; pass whichever this version reads.
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code, **{dtype_key: dtype}
+        )
+    except (OSError, ValueError) as exc:
+        hint = "" if trust_remote_code else " (if the model needs custom code, pass --trust-remote-code)"
+        raise ModelError(f"cannot load a causal LM from {path}: {_first_line(exc)}{hint}") from exc
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Padding uses EOS when the tokenizer has no pad token (the usual case for base LMs)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"tokenizer {tokenizer.name_or_path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

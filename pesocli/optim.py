@@ -1,0 +1,113 @@
+"""AdamW with exposed per-tensor state, for restart alignment (Appendix D.2).
+
+:class:`PesoAdamW` is a real ``torch.optim.Optimizer`` and computes exactly what
+``torch.optim.AdamW`` computes (decoupled weight decay, bias correction with the per-tensor
+step count) until someone changes its state. The restart code touches that state only through
+:meth:`PesoAdamW.moments`, :meth:`PesoAdamW.reset_state` and
+:meth:`PesoAdamW.set_beta2_warmup`.
+
+``beta2`` warm-up (D.2): after a restart at update ``t_r`` the tensor uses
+``beta2(t) = b_min + (b_final - b_min) (1 - cos(pi (t - t_r) / T)) / 2`` for
+``t_r <= t <= t_r + T`` and ``b_final`` (the group's ``beta2``) afterwards. Bias correction keeps
+``1 - b_final^t`` as Algorithm 5 lines 14-15 write it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from pesocli.linalg import cosine_ramp
+
+
+class PesoAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) with read/write access to each tensor's moments."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("lr, eps and weight_decay must be non-negative")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    # ---- state API used by restarts -------------------------------------------------------
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def moments(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of ``param`` (zeros when it has no state yet); edit in place."""
+        state = self._state(param)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def step_count(self, param: torch.Tensor) -> int:
+        """Number of updates ``param`` has received."""
+        return int(self._state(param)["step"])
+
+    def reset_state(self, param: torch.Tensor) -> None:
+        """Forget ``param``'s moments, step count and ``beta2`` schedule (a fresh start)."""
+        self.state.pop(param, None)
+
+    def set_beta2_warmup(self, param: torch.Tensor, window: int, beta2_min: float) -> None:
+        """Start a ``beta2`` cosine warm-up from ``beta2_min`` at ``param``'s next update."""
+        state = self._state(param)
+        state["beta2_start"] = int(state["step"]) + 1
+        state["beta2_window"] = int(window)
+        state["beta2_min"] = float(beta2_min)
+
+    def beta2_at(self, param: torch.Tensor, update: int) -> float:
+        """The ``beta2`` that ``param``'s update number ``update`` (1-based) uses."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        return self._beta2(self._state(param), group["betas"][1], update)
+
+    @staticmethod
+    def _beta2(state: dict, beta2_final: float, update: int) -> float:
+        start = state.get("beta2_start")
+        if start is None or update < start:
+            return beta2_final
+        return cosine_ramp(state["beta2_min"], beta2_final, update - start, state["beta2_window"])
+
+    # ---- the update -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2_final), eps, wd = (
+                group["lr"],
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self._state(param)
+                state["step"] += 1
+                update = int(state["step"])
+                beta2 = self._beta2(state, beta2_final, update)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                param.mul_(1.0 - lr * wd)
+                exp_avg.lerp_(grad, 1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                bias_correction1 = 1.0 - beta1**update
+                bias_correction2_sqrt = math.sqrt(1.0 - beta2_final**update)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        return loss

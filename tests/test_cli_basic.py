@@ -1,0 +1,145 @@
+"""The ``peso`` group and ``peso train`` option parsing (the trainer itself is replaced by a fake)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pesocli import __version__
+from pesocli.cli import main
+from pesocli.cli.common import run_command
+from pesocli.cli.train import CONFIG_FLAGS, CONFIG_OPTIONS
+from pesocli.config import commands_dir
+from pesocli.errors import ModelError
+
+
+@pytest.fixture
+def fake_training(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace ``pesocli.train`` so ``peso train`` only records the config it would run."""
+    calls: list = []
+    module = types.ModuleType("pesocli.train")
+    module.run_training = lambda cfg, **kwargs: calls.append((cfg, kwargs))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pesocli.train", module)
+    return calls
+
+
+def test_help_lists_train() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "train" in result.output
+
+
+def test_importing_the_cli_imports_no_torch() -> None:
+    code = "import sys, pesocli.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_works() -> None:
+    out = subprocess.run([sys.executable, "-m", "pesocli.cli", "--help"], check=True, capture_output=True,
+                         text=True).stdout
+    assert "Usage: peso" in out
+
+
+def test_version_reports_the_stack() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert f"peso {__version__}" in result.output
+    assert f"torch {torch.__version__}" in result.output
+    for name in ("transformers", "peft", "bitsandbytes", "python"):
+        assert f"\n{name} " in result.output
+
+
+def test_train_help_documents_every_option() -> None:
+    result = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option, key, *_ in (*CONFIG_OPTIONS, *CONFIG_FLAGS):
+        assert option in result.output
+        assert f"config: {key}; default:" in result.output
+    for option in ("--config", "--set", "--dry-run", "--restart-every"):
+        assert option in result.output
+
+
+def test_bad_option_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["train", "--no-such-option"])
+    assert result.exit_code == 2
+    result = CliRunner().invoke(main, ["train", "--rank", "eight"])
+    assert result.exit_code == 2
+    result = CliRunner().invoke(main, ["train", "--set", "optim.lr"])
+    assert result.exit_code == 2
+    assert "KEY=VALUE" in result.output
+
+
+def test_peso_error_is_one_line_without_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    @click.command()
+    @run_command
+    def boom() -> None:
+        raise ModelError("model foo is not here")
+
+    monkeypatch.delenv("PESO_DEBUG", raising=False)
+    result = CliRunner().invoke(boom, [])
+    assert result.exit_code == ModelError.exit_code
+    assert result.stderr == "error: model foo is not here\n"
+    assert "Traceback" not in result.output
+
+    monkeypatch.setenv("PESO_DEBUG", "1")
+    result = CliRunner().invoke(boom, [])
+    assert isinstance(result.exception, ModelError)
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    @click.command()
+    @run_command
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("PESO_DEBUG", raising=False)
+    assert CliRunner().invoke(stop, []).exit_code == 130
+
+
+def test_config_error_from_train(fake_training: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PESO_DEBUG", raising=False)
+    result = CliRunner().invoke(main, ["train", "--method", "nope"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: method.name: unknown method 'nope'")
+    assert "peso-r" in result.stderr and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["train", "--method", "lora", "--restart-every", "10"])
+    assert result.exit_code == 2
+    assert "method.restart_every: method lora has no such field" in result.stderr
+    assert not fake_training
+
+
+def test_train_without_config_uses_the_embedded_tiny_run(fake_training: list) -> None:
+    result = CliRunner().invoke(main, ["train"])
+    assert result.exit_code == 0, result.output
+    (cfg, kwargs), = fake_training
+    assert kwargs == {"dry_run": False}
+    assert (cfg.model.name, cfg.method_name) == ("tiny", "peso-r")
+
+
+def test_command_line_overrides_the_yaml(fake_training: list) -> None:
+    args = ["train", "--config", str(commands_dir() / "tiny-lora.yaml"), "--lr", "1e-3", "--rank", "4",
+            "--set", "train.seed=7", "--set", "optim.lr=5", "--quiet", "--trust-remote-code", "--dry-run",
+            "--max-steps", "3", "--run-name", "x"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (cfg, kwargs), = fake_training
+    assert kwargs == {"dry_run": True}
+    assert cfg.method_name == "lora"
+    assert cfg.optim.lr == 1e-3  # named options win over --set
+    assert (cfg.method.rank, cfg.train.seed, cfg.train.max_steps, cfg.train.run_name) == (4, 7, 3, "x")
+    assert cfg.train.quiet and cfg.model.trust_remote_code
+
+
+def test_method_switch_from_the_command_line(fake_training: list) -> None:
+    result = CliRunner().invoke(main, ["train", "--method", "lora"])
+    assert result.exit_code == 0, result.output
+    assert fake_training[0][0].method_name == "lora"
+    result = CliRunner().invoke(main, ["train", "--restart-every", "25"])
+    assert result.exit_code == 0, result.output
+    assert fake_training[1][0].method.restart_every == 25

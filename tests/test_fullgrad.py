@@ -1,0 +1,194 @@
+"""Full-gradient estimates: the sketch against the exact SVD, the exact path against autograd.
+
+The single-layer problems use ``loss = sum(layer(X) * C)``, whose full gradient is known in
+closed form: ``G = dL/dW = C^T X`` (``(out, in)``), whatever the layer's weights are.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pesocli.engine import Engine
+from pesocli.fullgrad import DenseGradient, FullGradConfig, SketchedGradient, estimate_full_gradients
+from pesocli.layers import AdaptedLinear, LowRankAnchor, effective_weight
+from pesocli.linalg import principal_angles_deg
+from pesocli.methods import METHODS
+from pesocli.methods.base import MethodConfig
+from pesocli.methods.lora import LoRADelta
+
+OUT, IN, TOKENS, RANK = 48, 64, 24, 4
+
+
+def _adapted_layer(out_features: int = OUT, in_features: int = IN) -> AdaptedLinear:
+    delta = LoRADelta(out_features, in_features, RANK, scale=2.0)
+    with torch.no_grad():
+        delta.lora_B.normal_(std=0.1)
+    anchor = LowRankAnchor(out_features, in_features)
+    anchor.absorb(torch.randn(out_features, 2) * 0.1, torch.randn(2, in_features) * 0.1)
+    base = nn.Linear(in_features, out_features).requires_grad_(False)  # frozen, as inject_adapters does
+    return AdaptedLinear(base, delta, anchor)
+
+
+def _decaying_problem(decay: float = 0.8) -> tuple[AdaptedLinear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(layer, X (N, in), C (N, out), G)`` with ``G = C^T X = U diag(decay^i) V^T``."""
+    u = torch.linalg.qr(torch.randn(OUT, TOKENS))[0]
+    v = torch.linalg.qr(torch.randn(IN, TOKENS))[0]
+    sigma = decay ** torch.arange(TOKENS, dtype=torch.float32)
+    x, c = v.T.contiguous(), (u * sigma).T.contiguous()
+    return _adapted_layer(), x, c, u @ torch.diag(sigma) @ v.T
+
+
+class _Counter:
+    def __init__(self, layer: AdaptedLinear, x: torch.Tensor, c: torch.Tensor) -> None:
+        self.layer, self.x, self.c, self.calls = layer, x, c, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        (self.layer(self.x) * self.c).sum().backward()
+
+
+def test_sketch_top_r_subspace_matches_exact_svd():
+    layer, x, c, g = _decaying_problem()
+    estimate = estimate_full_gradients({"proj": layer}, _Counter(layer, x, c), RANK,
+                                       FullGradConfig(mode="sketch", power_iters=2, oversample=8))["proj"]
+    assert isinstance(estimate, SketchedGradient)
+    u, s, v = estimate.top_r(RANK)
+    assert u.shape == (OUT, RANK) and s.shape == (RANK,) and v.shape == (IN, RANK)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(g)
+    for got, ref in ((u, u_ref[:, :RANK]), (v, vh_ref[:RANK].T)):
+        worst_rad = math.radians(float(principal_angles_deg(got, ref).max()))
+        assert worst_rad < 1e-3
+    torch.testing.assert_close(s, s_ref[:RANK], atol=1e-5, rtol=1e-4)
+    # U^T G V in the top-r bases is diag(S) for the sketch and the exact gradient alike.
+    torch.testing.assert_close(estimate.project(u, v), torch.diag(s), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(DenseGradient(g).project(u, v), torch.diag(s), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("power_iters", [0, 1, 2, 3])
+def test_sketch_calls_run_pass_2q_plus_2_times(power_iters):
+    layer, x, c, _ = _decaying_problem()
+    counter = _Counter(layer, x, c)
+    estimate_full_gradients({"proj": layer}, counter, RANK, FullGradConfig(power_iters=power_iters))
+    assert counter.calls == 2 * power_iters + 2
+
+
+def test_exact_mode_runs_one_pass_per_layer():
+    layers = {"a": _adapted_layer(), "b": _adapted_layer()}
+    x, c = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+    calls = []
+
+    def run_pass() -> None:
+        calls.append(1)
+        ((layers["a"](x) + layers["b"](x)) * c).sum().backward()
+
+    out = estimate_full_gradients(layers, run_pass, RANK, FullGradConfig(mode="exact"))
+    assert len(calls) == 2 and set(out) == {"a", "b"}
+    for estimate in out.values():  # both layers see the same G = C^T X
+        torch.testing.assert_close(estimate.gradient, c.T @ x, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_mode_equals_autograd_on_a_plain_linear():
+    layer = _adapted_layer()
+    x, c = torch.randn(3, 8, IN), torch.randn(3, 8, OUT)
+
+    def loss_of(module: nn.Module) -> torch.Tensor:
+        return (torch.tanh(module(x)) * c).sum()  # non-linear: G depends on the weights
+
+    def run_pass() -> None:
+        loss_of(layer).backward()
+
+    exact = estimate_full_gradients({"proj": layer}, run_pass, RANK, FullGradConfig(mode="exact"))["proj"]
+    plain = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        plain.weight.copy_(effective_weight(layer, layer.delta.weight()))
+        plain.bias.copy_(layer.base.bias)
+    loss_of(plain).backward()
+    assert isinstance(exact, DenseGradient)
+    torch.testing.assert_close(exact.gradient, plain.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_full_width_sketch_reproduces_every_layer_gradient_of_a_tiny_lm(make_tiny_model, token_batch):
+    """Through a real model (GQA k/v shapes): with ``r + p >= min(out, in)`` the sketch is exact."""
+    model = make_tiny_model("llama")
+    reference = copy.deepcopy(model)
+    method = METHODS["lora"](MethodConfig(rank=RANK, alpha=8.0))
+    engine = Engine(model, method)
+
+    def run_pass() -> None:
+        model(token_batch, labels=token_batch).loss.backward()
+
+    wide = FullGradConfig(oversample=200, power_iters=1)
+    sketches = estimate_full_gradients(engine.layers, run_pass, RANK, wide)
+    exact = estimate_full_gradients(engine.layers, run_pass, RANK, FullGradConfig(mode="exact"))
+    reference(token_batch, labels=token_batch).loss.backward()  # lora_B = 0: W = W0
+    for name, sketch in sketches.items():
+        dense = reference.get_submodule(name).weight.grad
+        torch.testing.assert_close(exact[name].gradient, dense, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sketch.basis @ sketch.coefficients, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_grads_and_weights_are_untouched_by_estimation():
+    layer, x, c, _ = _decaying_problem()
+    marker = torch.randn_like(layer.delta.lora_A)
+    layer.delta.lora_A.grad = marker
+    weights = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    for mode in ("sketch", "exact"):
+        estimate_full_gradients({"proj": layer}, _Counter(layer, x, c), RANK, FullGradConfig(mode=mode))
+        assert layer.delta.lora_A.grad is marker
+        torch.testing.assert_close(layer.delta.lora_A.grad, marker, atol=0, rtol=0)
+        assert layer.delta.lora_B.grad is None
+        assert layer.probe is None
+        for n, p in layer.named_parameters():
+            torch.testing.assert_close(p.detach(), weights[n], atol=0, rtol=0)
+
+
+class _AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an ATen op allocates (views and in-place results excluded).
+
+    Sees forward, backward (CPU autograd runs on the calling thread) and the probes' hooks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _largest_allocation(mode: str) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    layer, x, c, _ = _decaying_problem()
+    run_pass = _Counter(layer, x, c)
+    recorder = _AllocationRecorder()
+    with recorder:
+        estimate_full_gradients({"proj": layer}, run_pass, RANK, FullGradConfig(mode=mode, oversample=8))
+    return recorder.shapes, max(math.prod(shape) for _, shape in recorder.shapes)
+
+
+def test_sketch_never_allocates_an_out_by_in_tensor():
+    shapes, largest = _largest_allocation("sketch")
+    width = RANK + 8
+    # The recorder does see the probes inside backward: x @ Omega is (tokens, r + p).
+    assert any(shape == (TOKENS, width) for _, shape in shapes)
+    assert largest < OUT * IN, [s for s in shapes if math.prod(s[1]) >= OUT * IN]
+    assert largest <= max(TOKENS, width) * max(OUT, IN)  # O((m + n)(r + p)) plus one batch
+
+
+def test_allocation_recorder_catches_the_dense_path():
+    """Positive control: the exact path allocates ``G (out, in)`` and the recorder sees it."""
+    shapes, largest = _largest_allocation("exact")
+    assert largest >= OUT * IN
+    assert any(shape == (OUT, IN) for _, shape in shapes)
