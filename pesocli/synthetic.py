@@ -32,7 +32,8 @@ class SyntheticProblem:
     steps: int = 1500
     lr: float = 0.05
     """Peak AdamW learning rate (cosine decay to 1% of it, no warm-up)."""
-    restart_every: int = 100
+    restart_every: int = 10
+    """Restart period ``K`` for restart methods (10 suits the default ``continuous`` anchor update)."""
     seed: int = 0
 
 
