@@ -7,8 +7,9 @@ inside the method.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -59,6 +60,21 @@ class Engine:
         )
         self.last_restart_seconds = time.perf_counter() - start
         return records
+
+    @contextlib.contextmanager
+    def training_step(self) -> Iterator[None]:
+        """Wrap the micro-batches of one optimizer step: attaches the method's step probes, if any."""
+        attached = []
+        for name, layer in self.layers.items():
+            probe = self.method.step_probe(name, layer)
+            if probe is not None:
+                layer.probe = probe
+                attached.append(layer)
+        try:
+            yield
+        finally:
+            for layer in attached:
+                layer.probe = None
 
     def before_step(self, optimizer: PesoAdamW, step: int) -> None:
         self.method.before_step(self.layers, optimizer, step)

@@ -50,10 +50,10 @@ def low_rank_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, to
 
 def principal_angles_deg(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Principal angles (degrees, ascending) between the column spans of ``first`` and ``second``."""
-    q1, _ = torch.linalg.qr(first)
-    q2, _ = torch.linalg.qr(second)
+    q1, _ = torch.linalg.qr(first.double())  # FP64: arccos of FP32 cosines cannot resolve < ~0.03 deg
+    q2, _ = torch.linalg.qr(second.double())
     cosines = torch.linalg.svdvals(q1.T @ q2).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.arccos(cosines)).flip(0)
+    return torch.rad2deg(torch.arccos(cosines)).flip(0).to(first.dtype)
 
 
 def rms(tensor: torch.Tensor) -> float:

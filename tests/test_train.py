@@ -14,18 +14,28 @@ from pesocli.cli import main
 from pesocli.config import embedded_config_path, load_config
 from pesocli.train import run_training
 
-SHORT = {"train.max_steps": 40, "train.batch_size": 16, "optim.lr": 1e-2, "train.quiet": True,
-         "train.eval_every": 20, "train.log_every": 1}
+SHORT = {
+    "train.max_steps": 40,
+    "train.batch_size": 16,
+    "optim.lr": 1e-2,
+    "train.quiet": True,
+    "train.eval_every": 20,
+    "train.log_every": 1,
+}
 
 
 def _cfg(tmp_path: Path, **overrides):
-    return load_config(embedded_config_path(), {**SHORT, "train.output_dir": str(tmp_path),
-                                                "train.run_name": "run", **overrides})
+    return load_config(
+        embedded_config_path(),
+        {**SHORT, "train.output_dir": str(tmp_path), "train.run_name": "run", **overrides},
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "peso-r"])
 def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str) -> None:
-    cfg = _cfg(tmp_path, **{"method.name": method, **({"method.restart_every": 15} if method == "peso-r" else {})})
+    cfg = _cfg(
+        tmp_path, **{"method.name": method, **({"method.restart_every": 15} if method == "peso-r" else {})}
+    )
     result = run_training(cfg)
     run = tmp_path / "run"
     assert result.run_dir == run
@@ -41,7 +51,12 @@ def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str)
     final = run / "final"
     state = json.loads((final / "state.json").read_text())
     manifest = json.loads((final / "manifest.json").read_text())
-    assert set(manifest) == {"adapters.safetensors", "anchors.safetensors", "optimizer.safetensors", "state.json"}
+    assert set(manifest) == {
+        "adapters.safetensors",
+        "anchors.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    }
     adapters = load_file(final / "adapters.safetensors")
     anchors = load_file(final / "anchors.safetensors")
     assert len(adapters) == 2 * 14 and len(anchors) == 2 * 14  # 2 layers x 7 projections
@@ -53,7 +68,9 @@ def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str)
         assert sorted({r["step"] for r in restarts}) == [0, 15, 30]
         assert len(restarts) == 3 * 14
         later = [r for r in restarts if r["step"] > 0]
-        assert all(0 < r["captured_energy"] <= 1 + 1e-6 and r["principal_angle_deg"] is not None for r in later)
+        assert all(
+            0 < r["captured_energy"] <= 1 + 1e-6 and r["principal_angle_deg"] is not None for r in later
+        )
         assert all(r["anchor_rank"] > 0 for r in later)
         assert state["method_state"]["restarts_done"] == 3
         assert any(t.numel() > 0 for t in anchors.values())
@@ -65,17 +82,13 @@ def test_saved_state_reproduces_the_trained_model(tmp_path: Path) -> None:
     from pesocli.engine import Engine
     from pesocli.methods import build_method
     from pesocli.models import load_model_and_tokenizer
+    from pesocli.train.state import load_layer_tensors
 
     cfg = _cfg(tmp_path, **{"method.name": "peso-r", "method.restart_every": 10, "train.max_steps": 25})
     run_training(cfg)
     model, _ = load_model_and_tokenizer(cfg.model, "cpu")
     engine = Engine(model, build_method(cfg.method, cfg.method_name), cfg.fullgrad)
-    adapters = load_file(tmp_path / "run/final/adapters.safetensors")
-    anchors = load_file(tmp_path / "run/final/anchors.safetensors")
-    for name, layer in engine.layers.items():
-        for pname, param in layer.delta.named_parameters():
-            param.data.copy_(adapters[f"{name}.{pname}"])
-        layer.anchor.absorb(anchors[f"{name}.up"], anchors[f"{name}.down"])
+    load_layer_tensors(tmp_path / "run/final", engine.layers)
     reference, _ = load_model_and_tokenizer(cfg.model, "cpu")
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     with torch.no_grad():
@@ -92,8 +105,13 @@ def _save_tiny_family(path: Path, family: str) -> None:
     from pesocli.models import load_tiny_tokenizer, tiny_model_config
 
     tokenizer = load_tiny_tokenizer()
-    config = tiny_model_config(family, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_model_config(
+        family,
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -107,13 +125,28 @@ def _write_formats(folder: Path) -> dict[str, Path]:
     from pesocli.paths import default_train_data
 
     records = [json.loads(line) for line in default_train_data().read_text().splitlines()[:400]]
-    files = {"alpaca": folder / "alpaca.jsonl", "text": folder / "text.jsonl", "messages": folder / "chat.json"}
+    files = {
+        "alpaca": folder / "alpaca.jsonl",
+        "text": folder / "text.jsonl",
+        "messages": folder / "chat.json",
+    }
     files["alpaca"].write_text("".join(json.dumps(r) + "\n" for r in records))
-    files["text"].write_text("".join(json.dumps({"text": f"{r['instruction']}\n{r['output']}"}) + "\n"
-                                     for r in records))
-    files["messages"].write_text(json.dumps([{"messages": [{"role": "user", "content": r["instruction"]},
-                                                           {"role": "assistant", "content": r["output"]}]}
-                                             for r in records]))
+    files["text"].write_text(
+        "".join(json.dumps({"text": f"{r['instruction']}\n{r['output']}"}) + "\n" for r in records)
+    )
+    files["messages"].write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["instruction"]},
+                        {"role": "assistant", "content": r["output"]},
+                    ]
+                }
+                for r in records
+            ]
+        )
+    )
     return files
 
 
@@ -123,9 +156,29 @@ def test_local_model_folder_and_each_data_format(tmp_path: Path, family: str, fm
     _save_tiny_family(model_dir, family)
     data = _write_formats(tmp_path)[fmt]
     runner = CliRunner()
-    result = runner.invoke(main, ["train", "--model", str(model_dir), "--data", str(data), "--method", "peso-r",
-                                 "--restart-every", "20", "--max-steps", "50", "--lr", "1e-2", "--quiet",
-                                 "--output-dir", str(tmp_path / "runs"), "--run-name", "r"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--method",
+            "peso-r",
+            "--restart-every",
+            "20",
+            "--max-steps",
+            "50",
+            "--lr",
+            "1e-2",
+            "--quiet",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "r",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "runs/r/summary.json").read_text())
     assert summary["final_loss"] < 0.75 * summary["initial_loss"]
@@ -140,8 +193,18 @@ def test_cli_dry_run_prints_stats_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
-    args = ["train", "--method", "lora", "--max-steps", "2", "--quiet", "--output-dir", str(tmp_path),
-            "--run-name", "same"]
+    args = [
+        "train",
+        "--method",
+        "lora",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "same",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2

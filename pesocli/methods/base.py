@@ -23,7 +23,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from pesocli.fullgrad import GradientEstimate
-    from pesocli.layers import AdaptedLinear
+    from pesocli.layers import AdaptedLinear, GradientProbe
     from pesocli.optim import PesoAdamW
 
 DEFAULT_TARGETS: tuple[str, ...] = (
@@ -145,6 +145,15 @@ class Method(ABC):
     def sketch_rank(self) -> int:
         """Rank of the full-gradient estimate a restart needs."""
         return self.config.rank
+
+    def step_probe(self, name: str, layer: AdaptedLinear) -> GradientProbe | None:
+        """A probe to attach to ``layer`` during every training backward (``None``: none).
+
+        For methods that need products with the full gradient every step (LoRSum/OPLoRA); the
+        probe sees ``(x, grad_out)`` of each micro-batch, exactly as a restart sketch does.
+        """
+        del name, layer
+        return None
 
     def restart(self, ctx: RestartContext) -> list[RestartRecord]:
         """Update subspaces (and anchors, and optimizer state) of every layer; return records."""

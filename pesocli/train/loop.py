@@ -20,6 +20,7 @@ import torch
 from pesocli.config import RunConfig, config_to_dict
 from pesocli.data import DataBundle, batches, build_datasets, num_batches, render_example
 from pesocli.engine import Engine
+from pesocli.errors import PesoError
 from pesocli.methods import build_method
 from pesocli.models import load_model_and_tokenizer, resolve_device
 from pesocli.optim import PesoAdamW
@@ -163,15 +164,18 @@ def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | 
                     )
 
                 step_loss = 0.0
-                for batch in micro:
-                    loss = lm_loss(model, batch) / len(micro)
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                    n_tokens = int(batch["attention_mask"].sum())
-                    tokens_seen += n_tokens
-                    window_tokens += n_tokens
+                with engine.training_step():
+                    for batch in micro:
+                        loss = lm_loss(model, batch) / len(micro)
+                        loss.backward()
+                        step_loss += float(loss.detach())
+                        n_tokens = int(batch["attention_mask"].sum())
+                        tokens_seen += n_tokens
+                        window_tokens += n_tokens
                 if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
+                    raise PesoError(
+                        f"non-finite loss ({step_loss}) at step {step + 1}; lower --lr or check the data"
+                    )
                 engine.before_step(optimizer, step)
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(engine.trainable_parameters(), o.max_grad_norm)

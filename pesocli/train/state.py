@@ -106,3 +106,34 @@ def save_state(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def read_state_json(folder: Path) -> dict[str, Any]:
+    """``state.json`` of a state folder."""
+    return json.loads((Path(folder) / "state.json").read_text())
+
+
+@torch.no_grad()
+def load_layer_tensors(folder: Path, layers: dict[str, AdaptedLinear]) -> None:
+    """Load ``adapters.safetensors`` and ``anchors.safetensors`` of ``folder`` into ``layers``.
+
+    ``layers`` must come from an :class:`~pesocli.engine.Engine` built with the run's method and
+    config; anchors take the saved rank. Raises ``KeyError`` naming a missing tensor.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    adapters = load_file(folder / "adapters.safetensors")
+    anchors = load_file(folder / "anchors.safetensors")
+    for name, layer in layers.items():
+        for pname, param in layer.delta.named_parameters():
+            param.copy_(adapters[f"{name}.{pname}"])
+        anchor = layer.anchor
+        if anchor.mode == "dense":
+            anchor.weight.copy_(anchors[f"{name}.weight"])
+            anchor.is_zero = not bool(anchor.weight.abs().sum() > 0)
+        else:
+            device = anchor.up.device
+            anchor.up = anchors[f"{name}.up"].to(device, anchor.up.dtype)
+            anchor.down = anchors[f"{name}.down"].to(device, anchor.down.dtype)
+            anchor.is_zero = anchor.rank == 0
