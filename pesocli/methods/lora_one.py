@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pesocli.methods.base import Method, MethodConfig, RestartContext, RestartRecord
-from pesocli.methods.lora import LoRADelta
+from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.lora import LoRA
 
 
 @dataclass(kw_only=True)
@@ -46,14 +46,12 @@ def negated_top_r(estimate, rank: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return -u, s, v
 
 
-class LoRAOne(Method):
+class LoRAOne(LoRA):
+    """LoRA (same delta, same export) with a full-gradient initialisation at step 0."""
+
     name = "lora-one"
     Config = LoRAOneConfig
     needs_full_gradient = True
-
-    def build_delta(self, out_features: int, in_features: int) -> LoRADelta:
-        c = self.config
-        return LoRADelta(out_features, in_features, c.rank, c.scale, c.dropout)
 
     def restart_due(self, step: int) -> bool:
         return step == 0
@@ -84,6 +82,3 @@ class LoRAOne(Method):
                 )
             )
         return records
-
-    def lora_factors(self, delta: LoRADelta):
-        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from pesocli.linalg import balanced_split, orthonormal_basis, principal_angles_deg, procrustes_align, rms
-from pesocli.methods.base import Method, RestartContext, RestartRecord
-from pesocli.methods.lora import LoRADelta
+from pesocli.methods.base import RestartContext, RestartRecord
+from pesocli.methods.lora import LoRA, LoRADelta
 from pesocli.methods.lora_one import LoRAOneConfig, lora_one_factors, negated_top_r
 from pesocli.methods.schedule import restart_due
 
@@ -141,7 +141,9 @@ def align_restart(a: torch.Tensor, b: torch.Tensor, estimate, cfg: PesoRConfig) 
     )
 
 
-class PesoR(Method):
+class PesoR(LoRA):
+    """LoRA (same delta, same export) with full-gradient restarts every ``K`` steps."""
+
     name = "peso-r"
     Config = PesoRConfig
     needs_full_gradient = True
@@ -150,10 +152,6 @@ class PesoR(Method):
         super().__init__(config)
         self.restarts_done = 0
         self.rescale_pending = False
-
-    def build_delta(self, out_features: int, in_features: int) -> LoRADelta:
-        c = self.config
-        return LoRADelta(out_features, in_features, c.rank, c.scale, c.dropout)
 
     def restart_due(self, step: int) -> bool:
         c = self.config
@@ -231,9 +229,6 @@ class PesoR(Method):
                 if param.grad is None:
                     continue
                 rescale_moments(optimizer, param, param.grad)
-
-    def lora_factors(self, delta: LoRADelta):
-        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
 
     def state_dict(self) -> dict:
         return {"restarts_done": self.restarts_done, "rescale_pending": self.rescale_pending}
