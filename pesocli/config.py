@@ -52,7 +52,18 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run (``--trust-remote-code``)."""
     quant: str = "none"
-    """Backbone quantisation; only ``none`` for now (``nf4``/``int8`` arrive with [scale])."""
+    """Backbone quantisation with bitsandbytes: ``none``, ``nf4`` or ``fp4`` (4-bit, QLoRA-style) or
+    ``int8`` (LLM.int8()). Every linear layer but ``lm_head`` is quantised; the quantised base is
+    never written (restarts go into the FP32 anchor). See ``pesocli/quant.py``."""
+    double_quant: bool = True
+    """4-bit only: also quantise the per-block scales (QLoRA's double quantisation, ~0.4 bit per
+    weight less). Ignored for ``none`` and ``int8``."""
+    compute_dtype: str = "auto"
+    """4-bit only: the dtype the dequantised weight is multiplied in: ``auto`` (the backbone
+    dtype), ``bf16`` or ``fp32``."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations during the backward (``--gradient-checkpointing``):
+    much less activation memory for about a third more step time. Full-gradient sketches stay exact."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -60,9 +71,13 @@ class ModelConfig:
             errors.append("model.name must not be empty")
         if self.dtype not in ("auto", "bf16", "fp32"):
             errors.append(f"model.dtype must be auto, bf16 or fp32 (got {self.dtype!r})")
-        if self.quant != "none":
-            errors.append(f"model.quant: quantised backbones arrive with [scale]; only 'none' works now "
-                          f"(got {self.quant!r})")
+        if self.quant not in ("none", "nf4", "fp4", "int8"):
+            errors.append(f"model.quant must be none, nf4, fp4 or int8 (got {self.quant!r})")
+        if self.compute_dtype not in ("auto", "bf16", "fp32"):
+            errors.append(f"model.compute_dtype must be auto, bf16 or fp32 (got {self.compute_dtype!r})")
+        elif self.compute_dtype != "auto" and self.quant not in ("nf4", "fp4"):
+            errors.append(f"model.compute_dtype applies to 4-bit backbones only (model.quant is "
+                          f"{self.quant!r}); leave it auto")
         return errors
 
 
@@ -136,6 +151,14 @@ class TrainConfig:
     """No progress bar or summary table (errors are still printed)."""
     overwrite: bool = False
     """Replace an existing run folder of the same name instead of failing."""
+    nan_policy: str = "stop"
+    """A step with a non-finite loss or gradient (or a loss spike): ``stop`` writes the last good state
+    as a checkpoint and exits, naming the step and layer; ``skip`` drops that step's update and goes on."""
+    loss_spike_factor: float | None = None
+    """Loss watchdog: a step whose loss is above this factor times the median of the last 20 accepted
+    step losses is handled like a non-finite one (``nan_policy``); ``None`` turns the watchdog off."""
+    max_consecutive_skips: int = 10
+    """With ``nan_policy: skip``, stop anyway (as ``stop`` does) after this many bad steps in a row."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -155,6 +178,12 @@ class TrainConfig:
             errors.append("train.output_dir must not be empty")
         if self.run_name is not None and (self.run_name in ("", ".", "..") or "/" in self.run_name):
             errors.append(f"train.run_name must be a plain folder name (got {self.run_name!r})")
+        if self.nan_policy not in ("stop", "skip"):
+            errors.append(f"train.nan_policy must be stop or skip (got {self.nan_policy!r})")
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1.0:
+            errors.append(f"train.loss_spike_factor must be > 1 or None (got {self.loss_spike_factor})")
+        if self.max_consecutive_skips < 1:
+            errors.append(f"train.max_consecutive_skips must be >= 1 (got {self.max_consecutive_skips})")
         return errors
 
 
@@ -163,9 +192,11 @@ class CheckpointConfig:
     """Checkpoints inside the run folder (``final/`` is always written)."""
 
     every: int = 0
-    """Write a resumable checkpoint every N optimizer steps; 0 writes only ``final/``."""
+    """Write a resumable checkpoint every N optimizer steps; 0 writes only ``final/`` (and the checkpoint
+    that SIGINT/SIGTERM or ``nan_policy: stop`` write)."""
     keep_last: int = 2
-    """Step checkpoints to keep (oldest deleted first; ``final/`` is never deleted); 0 keeps all."""
+    """Step checkpoints to keep (oldest deleted first, after the new one and ``latest`` are written;
+    ``final/`` is never deleted); 0 keeps all. Keep 2 or more so a damaged newest one has a fallback."""
 
     def validate(self) -> list[str]:
         errors = []

@@ -34,3 +34,27 @@ class NotBuiltError(PesoError):
     """A path that exists in the design but is not implemented yet (named in an open issue)."""
 
     exit_code = 3
+
+
+class StorageError(PesoError):
+    """A file that cannot be written (disk full, no permission); nothing half-written is left behind."""
+
+    exit_code = 1
+
+
+class NumericalError(PesoError):
+    """Training stopped on a non-finite loss or gradient, or a loss spike (``train.nan_policy``)."""
+
+    exit_code = 1
+
+
+class Interrupted(PesoError):
+    """SIGINT or SIGTERM: the current step was finished and a full checkpoint written.
+
+    ``exit_code`` is ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), as shells report it.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -126,6 +126,32 @@ class LowRankAnchor(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class _ProbedSum(torch.autograd.Function):
+    """``y + delta`` whose backward hands ``(x, grad_out)`` to a :class:`GradientProbe`.
+
+    ``x`` is kept with ``save_for_backward``, so it goes through autograd's saved-tensor hooks:
+    under non-reentrant gradient checkpointing it is dropped after the forward and recomputed for
+    the backward, and the probe fires once per layer and pass, in the one backward of the original
+    graph, with the recomputed input (the recomputed graph is never backpropagated). Under
+    reentrant checkpointing the first forward runs without grad, so only the recomputation
+    attaches the probe. (A tensor hook closing over ``x`` would give the same numbers but keep
+    every adapted layer's input alive, which defeats checkpointing.)
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, probe: GradientProbe):  # noqa: ANN205
+        ctx.save_for_backward(x)
+        ctx.probe = probe
+        return y + delta
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
+        (x,) = ctx.saved_tensors
+        ctx.probe.observe(x.detach(), grad_out)
+        need_y, need_delta = ctx.needs_input_grad[:2]
+        return (grad_out if need_y else None), (grad_out if need_delta else None), None, None
+
+
 class AdaptedLinear(nn.Module):
     """A frozen ``base`` linear layer plus an ``anchor`` and the method's trainable ``delta``.
 
@@ -149,12 +175,11 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)
         if not self.anchor.is_zero:
             y = y + self.anchor(x).to(y.dtype)
-        y = y + self.delta(x).to(y.dtype)
+        delta = self.delta(x).to(y.dtype)
         probe = self.probe
-        if probe is not None and y.requires_grad:
-            saved = x.detach()
-            y.register_hook(lambda grad, _x=saved, _p=probe: _p.observe(_x, grad))
-        return y
+        if probe is not None and torch.is_grad_enabled() and (y.requires_grad or delta.requires_grad):
+            return _ProbedSum.apply(y, delta, x, probe)
+        return y + delta
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, anchor_rank={self.anchor.rank}"
@@ -177,7 +202,8 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
         and getattr(layer.state, "SCB", None) is not None
     ):
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        return weight.data.float() * scb.float()[:, None] / 127.0
+        # bitsandbytes' own order (``CB * (SCB / 127)``), so FP32 results match its forward bit for bit.
+        return weight.data.float() * (scb.float() * (1.0 / 127.0))[:, None]
     return weight.detach().float()
 
 

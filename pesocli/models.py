@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.errors import ConfigError, ModelError, NotBuiltError
+from pesocli.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -202,24 +202,63 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Llama
 def load_model_and_tokenizer(
     cfg: ModelConfig, device: torch.device | str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the backbone (on ``device``, in ``cfg.dtype``) and its tokenizer; never touches the network."""
+    """Load the backbone (on ``device``, in ``cfg.dtype``, quantised as ``cfg.quant``) and its tokenizer.
+
+    Never touches the network. With ``cfg.quant`` other than ``none`` every linear layer but
+    ``lm_head`` is a bitsandbytes layer (see :mod:`pesocli.quant`): a folder or cached id is
+    quantised by transformers while loading (``quantization_config``, ``device_map`` on
+    ``device``); the tiny model is built in full precision and quantised in place. Training-time
+    switches (gradient checkpointing) are applied by :func:`prepare_model`.
+    """
     import torch
 
     device = torch.device(device)
-    if cfg.quant != "none":
-        raise NotBuiltError(f"model.quant {cfg.quant!r}: quantised backbones arrive with [scale]")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(cfg.dtype, device)
     resolved = resolve_model(cfg.name)
     if resolved.kind == "tiny":
         tokenizer = load_tiny_tokenizer()
-        model = build_tiny_model(tokenizer).to(dtype)
-        return model.to(device), tokenizer
+        model = build_tiny_model(tokenizer).to(dtype=dtype, device=device)
+        if cfg.quant != "none":
+            from pesocli.quant import quantize_linears
+
+            quantize_linears(model, cfg, device)  # the same bitsandbytes layers transformers would build
+        return model, tokenizer
     assert resolved.path is not None
     if not (resolved.path / "config.json").is_file():
         raise ModelError(f"{resolved.path} is not a model folder (no config.json)")
     tokenizer = _load_tokenizer(resolved.path, cfg.trust_remote_code)
-    model = _load_model(resolved.path, dtype, cfg.trust_remote_code)
-    return model.to(device), tokenizer
+    if cfg.quant == "none":
+        return _load_model(resolved.path, dtype, cfg.trust_remote_code).to(device), tokenizer
+    from pesocli.quant import bnb_config, keep_cpu_layout
+
+    # bitsandbytes quantises each weight as it is placed: load straight onto ``device``.
+    quantised = {"quantization_config": bnb_config(cfg, dtype), "device_map": {"": device}}
+    return keep_cpu_layout(_load_model(resolved.path, dtype, cfg.trust_remote_code, **quantised)), tokenizer
+
+
+def prepare_model(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """Training-time switches of the backbone; call once, before training starts.
+
+    ``cfg.gradient_checkpointing``: every decoder layer recomputes its activations in the backward
+    (non-reentrant ``torch.utils.checkpoint``; transformers also makes the embedding output
+    require grad, and drops the KV cache while checkpointing). The full-gradient probes of
+    :class:`~pesocli.layers.AdaptedLinear` save the layer input through autograd, so under
+    checkpointing they see the recomputed input and fire once per layer and micro-batch.
+    """
+    if not cfg.gradient_checkpointing:
+        return model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support gradient checkpointing; "
+                         f"drop model.gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -234,7 +273,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerB
     return _ensure_pad_token(tokenizer)
 
 
-def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, **extra: Any) -> PreTrainedModel:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -243,9 +282,10 @@ def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreT
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code, **{dtype_key: dtype}
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code, **{dtype_key: dtype},
+            **extra,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         hint = "" if trust_remote_code else " (if the model needs custom code, pass --trust-remote-code)"
         raise ModelError(f"cannot load a causal LM from {path}: {_first_line(exc)}{hint}") from exc
 

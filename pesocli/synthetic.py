@@ -86,9 +86,10 @@ def run(method_name: str, problem: SyntheticProblem, **method_options) -> list[f
             group["lr"] = lr
         engine.maybe_restart(step, optimizer, run_pass)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        losses.append(float(loss.detach()))
-        loss.backward()
+        with engine.training_step():  # attaches the method's step probes (LoRSum's products with G)
+            loss = loss_fn()
+            losses.append(float(loss.detach()))
+            loss.backward()
         engine.before_step(optimizer, step)
         optimizer.step()
     with torch.no_grad():

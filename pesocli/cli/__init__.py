@@ -10,6 +10,10 @@ import click
 
 from pesocli import __version__
 from pesocli.cli.common import version_report
+from pesocli.cli.eval import eval_command
+from pesocli.cli.export import export
+from pesocli.cli.inspect import restart_inspect
+from pesocli.cli.merge import merge
 from pesocli.cli.train import train
 
 
@@ -31,3 +35,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(train)
+main.add_command(eval_command)
+main.add_command(restart_inspect)
+main.add_command(export)
+main.add_command(merge)

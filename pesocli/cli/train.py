@@ -34,6 +34,13 @@ CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--eval-every", "train.eval_every", int, "Validation loss every N steps (0: only at the end)."),
     ("--val-split", "data.val_split", float, "Fraction of the records held out for validation."),
     ("--max-length", "data.max_length", int, "Truncate examples to this many tokens."),
+    ("--checkpoint-every", "checkpoint.every", int,
+     "Write a resumable checkpoint every N steps (0: only final/, and on SIGINT/SIGTERM)."),
+    ("--keep-last", "checkpoint.keep_last", int, "Step checkpoints to keep, newest first (0: all)."),
+    ("--nan-policy", "train.nan_policy", click.Choice(["stop", "skip"]),
+     "Non-finite loss/gradient or loss spike: stop (write the last good state, exit 1) or skip the update."),
+    ("--loss-spike-factor", "train.loss_spike_factor", float,
+     "Treat a loss above this factor x the median of the last 20 steps like a non-finite one."),
 )
 
 CONFIG_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -68,8 +75,16 @@ def _config_options(fn: Any) -> Any:
               help="Set any config key, e.g. --set optim.warmup_ratio=0.1 (repeatable; named options win).")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved config, dataset statistics and the first example, then exit.")
+@click.option("--resume", metavar="RUN|auto",
+              help="Continue the run folder RUN exactly from its newest good checkpoint (its config.yaml "
+                   "is the base config). 'auto': resume this command's run (--run-name, or the newest "
+                   "unfinished run in --output-dir with the same config), or start fresh if there is none. "
+                   "Only logging, eval, checkpoint, device, --nan-policy and --loss-spike-factor settings "
+                   "may change.")
 @run_command
-def train(config_path: Path | None, settings: dict[str, str], dry_run: bool, **options: Any) -> None:
+def train(
+    config_path: Path | None, settings: dict[str, str], dry_run: bool, resume: str | None, **options: Any
+) -> None:
     """Fine-tune a causal LM. Command-line options override the YAML config, which overrides the defaults.
 
     Without --config, the run starts from the embedded tiny config, commands/tiny-peso-r.yaml (the
@@ -82,8 +97,17 @@ def train(config_path: Path | None, settings: dict[str, str], dry_run: bool, **o
     for name, value in options.items():
         if value is not None and value is not False:  # flags only ever switch a setting on
             overrides[OPTION_KEYS[name]] = value
-    cfg = load_config(config_path if config_path is not None else embedded_config_path(), overrides)
+    run_dir = None
+    if resume is not None:
+        from pesocli.train.resume import resolve_resume
+
+        cfg, run_dir = resolve_resume(resume, config_path, overrides)
+    else:
+        cfg = load_config(config_path if config_path is not None else embedded_config_path(), overrides)
 
     from pesocli.train import run_training
 
-    run_training(cfg, dry_run=dry_run)
+    if run_dir is not None:
+        run_training(cfg, dry_run=dry_run, resume=run_dir)
+    else:
+        run_training(cfg, dry_run=dry_run)

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 from pesocli.errors import ConfigError
 from pesocli.methods.base import Method, MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.galore import GaLore
 from pesocli.methods.lora import LoRA
 from pesocli.methods.lora_one import LoRAOne
+from pesocli.methods.lorsum import LorSum, LorSumScaled
 from pesocli.methods.peso_r import PesoR
 from pesocli.methods.peso_t import PesoT
+from pesocli.methods.rac_lora import RacLoRA
 
 METHODS: dict[str, type[Method]] = {
     LoRA.name: LoRA,
     LoRAOne.name: LoRAOne,
     PesoR.name: PesoR,
     PesoT.name: PesoT,
+    LorSum.name: LorSum,
+    LorSumScaled.name: LorSumScaled,
+    RacLoRA.name: RacLoRA,
+    GaLore.name: GaLore,
 }
 
 

@@ -97,7 +97,8 @@ class RestartRecord:
     captured_energy: float | None = None
     """Energy of the top-r subspace relative to the (sketched) total ``||G||_F^2``."""
     principal_angle_deg: float | None = None
-    """Largest principal angle between the new and the previous column subspace (degrees)."""
+    """Largest principal angle (degrees) between the previous column subspace and the new one the
+    restart explores (for peso-r: the top-r subspace of the full gradient)."""
     anchor_rank: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -181,7 +181,7 @@ class PesoR(LoRA):
         estimate = ctx.gradients[name]
         opt = ctx.optimizer
         a, b = delta.paper_factors()
-        angle = None
+        angle, extra = None, {"anchor_update": c.anchor_update}
         if first or float(a.norm()) == 0.0 or float(b.norm()) == 0.0:
             u, s, v = negated_top_r(estimate, c.rank)
             lora_b, lora_a = lora_one_factors(u, s, v, c.gamma)
@@ -203,8 +203,12 @@ class PesoR(LoRA):
                 m_a.copy_(aligned.rotate_b.T.to(m_a.dtype) @ m_a)
             for param in (delta.lora_A, delta.lora_B):
                 opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min)
-            angle = float(principal_angles_deg(aligned.old_basis, aligned.a_new).max())
-            s = negated_top_r(estimate, c.rank)[1]
+            u, s, _ = negated_top_r(estimate, c.rank)
+            # what the restart explores: the old adapter subspace vs the new gradient's top-r subspace;
+            # the adapter itself turns only part of the way (tau1), recorded as adapter_rotation_deg
+            angle = float(principal_angles_deg(aligned.old_basis, u).max())
+            rotation = principal_angles_deg(aligned.old_basis, aligned.a_new)
+            extra["adapter_rotation_deg"] = float(rotation.max())
             kind = "restart"
         return RestartRecord(
             step=ctx.step,
@@ -217,7 +221,7 @@ class PesoR(LoRA):
             principal_angle_deg=angle,
             anchor_rank=layer.anchor.rank,
             seconds=time.perf_counter() - start,
-            extra={"gamma": c.gamma if kind == "init" else c.gamma_later, "anchor_update": c.anchor_update},
+            extra={"gamma": c.gamma if kind == "init" else c.gamma_later, **extra},
         )
 
     def before_step(self, layers, optimizer, step: int) -> None:

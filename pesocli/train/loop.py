@@ -1,17 +1,22 @@
 """``peso train``: one loop for CPU and one GPU (``torchrun`` arrives with [scale]).
 
-Reads top to bottom: set lr -> maybe restart -> micro-steps -> method hook -> clip -> step ->
-log -> maybe evaluate -> maybe checkpoint. Everything method-specific happens behind
-:class:`~pesocli.engine.Engine`.
+Reads top to bottom: set lr -> maybe restart -> micro-steps -> judge the step -> method hook ->
+clip -> step -> log -> maybe evaluate -> maybe checkpoint -> stop if signalled. Everything
+method-specific happens behind :class:`~pesocli.engine.Engine`; everything a checkpoint holds is
+one :class:`~pesocli.train.resume.TrainerState`.
+
+Failures: every input is validated and the model, data and method are built before the run
+folder is created. A fresh run that fails before its first checkpoint removes its folder; after
+that, the folder stays with its checkpoints and ``--resume`` continues it exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
-import shutil
+import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +25,25 @@ import torch
 from pesocli.config import RunConfig, config_to_dict
 from pesocli.data import DataBundle, batches, build_datasets, num_batches, render_example
 from pesocli.engine import Engine
-from pesocli.errors import PesoError
-from pesocli.methods import build_method
+from pesocli.errors import ConfigError, Interrupted, NumericalError
+from pesocli.methods import RestartRecord, build_method, method_class
 from pesocli.models import load_model_and_tokenizer, resolve_device
 from pesocli.optim import PesoAdamW
+from pesocli.quant import quant_support_error
+from pesocli.train.guards import Snapshot, StopSignals, Watchdog, nonfinite_layers
 from pesocli.train.lr import build_scheduler
 from pesocli.train.progress import Reporter, format_bytes
-from pesocli.train.runfolder import RunFolder
-from pesocli.train.state import save_state
+from pesocli.train.resume import (
+    Mark,
+    ResumePoint,
+    RunCounters,
+    TrainerState,
+    check_config_unchanged,
+    require_resume_point,
+    warn,
+)
+from pesocli.train.runfolder import RunFolder, check_free
+from pesocli.train.stream import BatchStream
 
 
 @dataclass
@@ -50,14 +66,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def micro_batches(bundle: DataBundle, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless training micro-batches, reshuffled every epoch by ``(seed, epoch)``."""
-    epoch = 0
-    while True:
-        yield from batches(bundle.train, batch_size, seed, epoch, pad_token_id=bundle.pad_token_id)
-        epoch += 1
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -87,6 +95,17 @@ def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
+def check_ranks(engine: Engine, rank: int) -> None:
+    """A rank at or above ``min(out, in)`` of a layer is not low-rank (and breaks SVD-based methods)."""
+    for name, layer in engine.layers.items():
+        limit = min(layer.out_features, layer.in_features)
+        if rank >= limit:
+            raise ConfigError(
+                f"method.rank {rank} must be below min(out, in) = {limit} of every adapted layer; "
+                f"{name} is ({layer.out_features}, {layer.in_features})"
+            )
+
+
 def print_dry_run(cfg: RunConfig, bundle: DataBundle, tokenizer, reporter: Reporter) -> None:
     """Print the resolved config, the data statistics and the first example, then stop."""
     import yaml
@@ -100,9 +119,30 @@ def print_dry_run(cfg: RunConfig, bundle: DataBundle, tokenizer, reporter: Repor
         console.print(render_example(bundle.train[0], tokenizer))
 
 
-def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``cfg`` end to end and write its run folder; returns the headline numbers."""
+def run_training(
+    cfg: RunConfig,
+    *,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
+) -> TrainResult:
+    """Train ``cfg`` end to end and write its run folder; returns the headline numbers.
+
+    ``resume``: a run folder to continue from its newest good checkpoint (``cfg`` may differ from
+    the run's only in ``pesocli.train.resume.RESUME_SAFE_KEYS``).
+    """
     started = time.perf_counter()
+    point: ResumePoint | None = None
+    if resume is not None:
+        point = require_resume_point(Path(resume))
+        check_config_unchanged(point.state["config"], cfg, Path(resume))
+        if point.finished:
+            return _already_finished(cfg, point, reporter)
+    elif not dry_run:
+        check_free(cfg)  # fail before loading anything
+    unsupported = quant_support_error(cfg.method_name, method_class(cfg.method_name), cfg.model.quant)
+    if unsupported:
+        raise ConfigError(unsupported)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
@@ -120,6 +160,7 @@ def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | 
     method.setup(total_steps=steps, steps_per_epoch=steps_per_epoch)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of how the model was built
     engine = Engine(model, method, cfg.fullgrad)
+    check_ranks(engine, cfg.method.rank)
     model.train()
     o = cfg.optim
     optimizer = PesoAdamW(
@@ -130,105 +171,175 @@ def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | 
         weight_decay=o.weight_decay,
     )
     scheduler = build_scheduler(optimizer, total_steps=steps, warmup_ratio=o.warmup_ratio, kind=o.scheduler)
-    run = RunFolder.create(cfg)
-    reporter.note(f"[bold]peso train[/bold] {cfg.method_name} on {cfg.model.name}: {bundle.stats.summary()}")
+    stream = BatchStream(bundle, cfg.train.batch_size, cfg.train.seed, device)
+    data_stats = {k: getattr(bundle.stats, k) for k in ("records", "examples", "tokens", "trained_tokens")}
+    trainer = TrainerState(
+        cfg, engine, optimizer, scheduler, stream, Watchdog(cfg.train), RunCounters(), steps, data_stats
+    )
+    start_step = trainer.load(point) if point is not None else 0
+    guard = contextlib.ExitStack()  # signals wait for the end of a step from here on
+    signals = guard.enter_context(StopSignals())
+    try:
+        run = RunFolder.reopen(cfg, start_step) if point is not None else RunFolder.create(cfg)
+    except BaseException:
+        guard.close()
+        raise
+    counters, watchdog = trainer.counters, trainer.watchdog
+    prior_seconds = counters.wall_seconds  # training time of earlier sessions of this run
+    reporter.note(f"peso train {cfg.method_name} on {cfg.model.name}: {bundle.stats.summary()}")
     reporter.note(
         f"{len(engine.layers)} adapted layers, "
         f"{sum(p.numel() for p in engine.trainable_parameters()):,} trainable parameters, "
         f"{steps} steps -> {run.path}"
     )
+    if point is not None:
+        reporter.note(f"resuming at step {start_step} from {point.folder}")
 
-    stream = micro_batches(bundle, cfg.train.batch_size, cfg.train.seed)
+    def checkpoint(step: int, mark: Mark | None = None) -> Path:
+        mark = mark or trainer.mark()
+        mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
+        folder = trainer.save(run.checkpoint_dir(step), step, mark)
+        run.commit_checkpoint(step, cfg.checkpoint.keep_last)
+        return folder
+
+    def stop(step: int, problem: str, mark: Mark, snapshot: Snapshot | None) -> NumericalError:
+        """Go back to the state before this step, write it as a checkpoint and say why."""
+        optimizer.zero_grad(set_to_none=True)
+        why = f"step {step + 1}: {problem}"
+        if watchdog.policy == "skip":
+            why += f" ({watchdog.consecutive} bad steps in a row)"
+        if snapshot is not None and not snapshot.exact:
+            return NumericalError(f"{why}; the restart of this step changed dense anchors in place, so the "
+                                  f"last good state is the newest checkpoint in {run.checkpoints}")
+        if snapshot is not None:
+            snapshot.restore(engine.layers, optimizer, method)
+        folder = checkpoint(step, mark)
+        return NumericalError(
+            f"{why}; wrote the last good state to {folder}; resume with --resume {run.path} "
+            "(--nan-policy skip drops such steps)"
+        )
+
     restart_steps = [s for s in range(steps) if method.restart_due(s)]
-    losses: list[float] = []
-    restarts, restart_seconds, eval_loss = 0, 0.0, None
-    tokens_seen, window_tokens, window_start = 0, 0, time.perf_counter()
+    eval_loss = None
+    last_checkpoint = start_step if point is not None else None
+    window_tokens, window_start = 0, time.perf_counter()
     try:
-        with reporter:
-            for step in range(steps):
-                micro = [_to(next(stream), device) for _ in range(cfg.train.grad_accum)]
-                restart_batches = micro[: cfg.fullgrad.batches]
-                while len(restart_batches) < cfg.fullgrad.batches:
-                    restart_batches.append(_to(next(stream), device))
+        with guard, reporter:
+            for step in range(start_step, steps):
+                mark = trainer.mark()  # the state before this step, should it have to be undone
+                micro = [stream.next() for _ in range(cfg.train.grad_accum)]
+                records: list[RestartRecord] = []
+                snapshot = None
+                if method.restart_due(step):
+                    restart_batches = micro[: cfg.fullgrad.batches]
+                    while len(restart_batches) < cfg.fullgrad.batches:
+                        restart_batches.append(stream.next())
 
-                def restart_pass(batches_=restart_batches) -> None:
-                    for batch in batches_:
-                        (lm_loss(model, batch) / len(batches_)).backward()
+                    def restart_pass(batches_=restart_batches) -> None:
+                        for batch in batches_:
+                            (lm_loss(model, batch) / len(batches_)).backward()
 
-                records = engine.maybe_restart(step, optimizer, restart_pass)
-                if records:
-                    restarts += 1
-                    restart_seconds += engine.last_restart_seconds
-                    run.log_restarts(
-                        [dict(r.to_json(), seconds_total=engine.last_restart_seconds) for r in records]
-                    )
+                    records, snapshot = _restart_safely(step, engine, optimizer, restart_pass)
+                    if any(r.kind != "kept-old-subspace" for r in records):
+                        counters.restarts += 1
+                        counters.restart_seconds += engine.last_restart_seconds
+                    if records:
+                        run.log_restarts(
+                            [dict(r.to_json(), seconds_total=engine.last_restart_seconds) for r in records]
+                        )
 
-                step_loss = 0.0
+                step_loss, step_tokens = 0.0, 0
                 with engine.training_step():
                     for batch in micro:
                         loss = lm_loss(model, batch) / len(micro)
                         loss.backward()
                         step_loss += float(loss.detach())
-                        n_tokens = int(batch["attention_mask"].sum())
-                        tokens_seen += n_tokens
-                        window_tokens += n_tokens
-                if not math.isfinite(step_loss):
-                    raise PesoError(
-                        f"non-finite loss ({step_loss}) at step {step + 1}; lower --lr or check the data"
-                    )
-                engine.before_step(optimizer, step)
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(engine.trainable_parameters(), o.max_grad_norm)
-                    if o.max_grad_norm > 0
-                    else None
-                )
+                        step_tokens += int(batch["attention_mask"].sum())
+                counters.tokens += step_tokens
+                window_tokens += step_tokens
+
                 lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                grad_norm = None
+                problem = watchdog.verdict(step_loss, engine.layers)  # before anything uses the gradients
+                if problem is None:
+                    engine.before_step(optimizer, step)
+                    if o.max_grad_norm > 0:
+                        params = engine.trainable_parameters()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                    optimizer.step()
+                    watchdog.accept(step_loss)
+                    counters.add_loss(step_loss)
+                elif watchdog.reject():
+                    raise stop(step, problem, mark, snapshot)
+                else:
+                    warn(f"step {step + 1}: {problem}; update skipped (nan_policy skip)")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(step_loss)
 
                 now = time.perf_counter()
                 metrics = {
                     "step": step + 1,
-                    "loss": step_loss,
+                    "loss": step_loss if math.isfinite(step_loss) else None,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens": tokens_seen,
+                    "tokens": counters.tokens,
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                     "peak_memory_bytes": peak_memory_bytes(device),
                     "restart": bool(records),
                     "next_restart_in": next((s - step for s in restart_steps if s > step), None),
-                    "elapsed_s": now - started,
+                    "elapsed_s": prior_seconds + now - started,
                 }
+                if problem is not None:
+                    metrics["skipped"] = problem
                 window_tokens, window_start = 0, now
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps or problem is not None:
                     run.log_metrics(metrics)
-                reporter.step(step, metrics)
+                if problem is None:
+                    reporter.step(step, metrics)
                 if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                     eval_loss = evaluate(model, bundle, cfg.train.batch_size, device)
                     run.log_metrics({"step": step + 1, "eval_loss": eval_loss})
                 if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < steps:
-                    _checkpoint(run, engine, optimizer, cfg, step + 1, scheduler)
-        if bundle.val:
-            eval_loss = evaluate(model, bundle, cfg.train.batch_size, device)
-            run.log_metrics({"step": steps, "eval_loss": eval_loss})
-        save_state(run.final, engine.layers, optimizer, _meta(cfg, engine, steps, scheduler))
-    finally:
-        run.close()
+                    checkpoint(step + 1)
+                    last_checkpoint = step + 1
+                if signals.signum is not None and step + 1 < steps:
+                    done = last_checkpoint == step + 1
+                    folder = run.checkpoint_dir(step + 1) if done else checkpoint(step + 1)
+                    name = signal.Signals(signals.signum).name
+                    raise Interrupted(
+                        f"{name} after step {step + 1} of {steps}: wrote a full checkpoint to {folder}; "
+                        f"continue with: peso train --resume {run.path}",
+                        signals.signum,
+                    )
+            if bundle.val:
+                eval_loss = evaluate(model, bundle, cfg.train.batch_size, device)
+                run.log_metrics({"step": steps, "eval_loss": eval_loss})
+            final_mark = trainer.mark()
+            final_mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
+            trainer.save(run.final, steps, final_mark, final=True)
+    except BaseException:
+        if point is None and last_checkpoint is None and not run.has_checkpoint():
+            run.remove()  # a fresh run with nothing resumable: leave nothing half-written behind
+        else:
+            run.close()
+        raise
+    run.close()
 
-    seconds = time.perf_counter() - started
-    tail = losses[-max(1, min(10, len(losses) // 10)) :]
-    result = TrainResult(run.path, losses[0], sum(tail) / len(tail), steps, restarts, seconds, eval_loss)
+    seconds = prior_seconds + time.perf_counter() - started
+    tail = counters.loss_tail[-max(1, min(10, steps // 10)) :]
+    initial = counters.initial_loss if counters.initial_loss is not None else math.nan
+    final = sum(tail) / len(tail) if tail else math.nan
+    result = TrainResult(run.path, initial, final, steps, counters.restarts, seconds, eval_loss)
     summary = {
         "initial_loss": result.initial_loss,
         "final_loss": result.final_loss,
         "steps": steps,
-        "restarts": restarts,
-        "restart_seconds": restart_seconds,
+        "restarts": counters.restarts,
+        "restart_seconds": counters.restart_seconds,
+        "skipped_steps": watchdog.skipped,
         "wall_seconds": seconds,
         "eval_loss": eval_loss,
-        "tokens": tokens_seen,
+        "tokens": counters.tokens,
         "peak_memory_bytes": peak_memory_bytes(device),
     }
     run.write_summary(summary)
@@ -237,8 +348,8 @@ def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | 
         ("model", cfg.model.name),
         ("initial loss", f"{result.initial_loss:.4f}"),
         ("final loss (last steps)", f"{result.final_loss:.4f}"),
-        ("restarts", f"{restarts} ({restart_seconds:.1f} s)"),
-        ("steps", str(steps)),
+        ("restarts", f"{counters.restarts} ({counters.restart_seconds:.1f} s)"),
+        ("steps", str(steps) + (f" ({watchdog.skipped} skipped)" if watchdog.skipped else "")),
         ("wall time", f"{seconds:.1f} s"),
         ("peak memory", format_bytes(summary["peak_memory_bytes"])),
         ("run folder", str(run.path)),
@@ -249,24 +360,65 @@ def run_training(cfg: RunConfig, *, dry_run: bool = False, reporter: Reporter | 
     return result
 
 
-def _meta(cfg: RunConfig, engine: Engine, step: int, scheduler) -> dict:
-    return {
-        "step": step,
-        "method": cfg.method_name,
-        "method_state": engine.method.state_dict(),
-        "model": cfg.model.name,
-        "scheduler": scheduler.state_dict(),
-        "config": config_to_dict(cfg),
-    }
+def _restart_safely(
+    step: int, engine: Engine, optimizer: PesoAdamW, run_pass
+) -> tuple[list[RestartRecord], Snapshot]:
+    """``engine.maybe_restart``; a layer left with non-finite numbers keeps its old subspace.
 
-
-def _checkpoint(
-    run: RunFolder, engine: Engine, optimizer: PesoAdamW, cfg: RunConfig, step: int, scheduler
-) -> None:
-    save_state(
-        run.checkpoints / f"step-{step:06d}", engine.layers, optimizer, _meta(cfg, engine, step, scheduler)
+    A restart that raises ``LinAlgError`` (an SVD of non-finite numbers) is undone in every layer.
+    Returns the restart records and the snapshot taken before the restart.
+    """
+    method = engine.method
+    snapshot = Snapshot.take(engine.layers, optimizer, method)
+    try:
+        records = engine.maybe_restart(step, optimizer, run_pass)
+        bad, reason = nonfinite_layers(engine.layers, optimizer), "non-finite factors"
+    except torch.linalg.LinAlgError as exc:
+        records, bad = [], list(engine.layers)
+        reason = f"the restart failed: {str(exc).splitlines()[0]}"
+        method.load_state_dict(snapshot.method_state)
+    if not bad:
+        return records, snapshot
+    stuck = [name for name in bad if not snapshot.can_restore(name)]
+    if stuck:
+        raise NumericalError(
+            f"the restart before step {step + 1} left non-finite numbers in the dense anchor of {stuck[0]} "
+            f"({reason}; {len(stuck)} layers), which cannot be rolled back; resume from the newest checkpoint"
+        )
+    for name in bad:
+        snapshot.restore_layer(name, engine.layers[name], optimizer)
+    warn(
+        f"restart before step {step + 1}: {reason} in {len(bad)} of {len(engine.layers)} layers "
+        f"(first {bad[0]}); those layers keep their old subspace"
     )
-    if cfg.checkpoint.keep_last:
-        existing = sorted(run.checkpoints.glob("step-*"))
-        for old in existing[: -cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    kept = [
+        RestartRecord(
+            step=step, layer=name, method=method.name, kind="kept-old-subspace", rank=method.config.rank,
+            anchor_rank=engine.layers[name].anchor.rank, extra={"reason": reason},
+        )
+        for name in bad
+    ]
+    return [r for r in records if r.layer not in set(bad)] + kept, snapshot
+
+
+def _already_finished(cfg: RunConfig, point: ResumePoint, reporter: Reporter | None) -> TrainResult:
+    """``--resume`` of a completed run: nothing to do; report what its summary says."""
+    import json
+
+    steps = point.step
+    reporter = reporter or Reporter(steps, quiet=cfg.train.quiet)
+    run_dir = point.folder.parent
+    reporter.note(f"{run_dir} already finished all {steps} steps; nothing to resume")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return TrainResult(
+        run_dir,
+        summary.get("initial_loss", math.nan),
+        summary.get("final_loss", math.nan),
+        steps,
+        int(summary.get("restarts", 0)),
+        0.0,
+        summary.get("eval_loss"),
+    )

@@ -1,0 +1,185 @@
+"""Two ways to run a model for eval, with the same two operations.
+
+- ``sequence_nll(examples)``: per example, the summed next-token negative log-likelihood over its
+  trained tokens (``labels != -100``, shifted by one exactly as the training loss) and their count.
+- ``generate(prompts, max_new_tokens)``: greedy continuations (stopping at EOS), decoded without
+  special tokens.
+
+:class:`HFBackend` runs a loaded ``transformers`` model (a run's adapted model or a PEFT-wrapped
+one); :class:`VLLMBackend` serves an export or model folder with vLLM, the adapter as a
+``LoRARequest``, and reads prompt log-probabilities for ``sequence_nll``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pesocli.data import IGNORE, Example, collate
+from pesocli.errors import PesoError
+
+if TYPE_CHECKING:
+    from pesocli.evaluate.config import EvalConfig
+    from pesocli.evaluate.targets import Target
+
+Advance = Callable[[int], None]
+"""Progress callback: ``advance(n)`` after ``n`` more items are done."""
+
+
+def _eos_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+class HFBackend:
+    """Batched forward passes (right-padded) and ``generate`` (left-padded, greedy) with transformers."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.pad_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.eos_ids = _eos_ids(tokenizer, getattr(model, "generation_config", None))
+
+    def sequence_nll(self, examples: Sequence[Example], advance: Advance) -> list[tuple[float, int]]:
+        import torch
+        import torch.nn.functional as F
+
+        results = []
+        with torch.no_grad():
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start : start + self.batch_size]
+                batch = {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                labels = batch["labels"][:, 1:]
+                for row in range(len(chunk)):  # one row at a time: float32 logits of a big vocab are large
+                    nll = F.cross_entropy(
+                        logits[row, :-1].float(), labels[row], ignore_index=IGNORE, reduction="sum"
+                    )
+                    results.append((float(nll), int((labels[row] != IGNORE).sum())))
+                advance(len(chunk))
+        return results
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, advance: Advance) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        texts = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start : start + self.batch_size]
+                width = max(len(p) for p in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, ids in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, width - len(ids) :] = 1
+                # never past the model's context: prompt + answer <= max_position_embeddings
+                room = max_new_tokens if self.context_length is None else self.context_length - width
+                config = GenerationConfig(
+                    max_new_tokens=max(1, min(max_new_tokens, room)),
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_ids or None,
+                )
+                out = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    generation_config=config,
+                )
+                for row in out[:, width:].tolist():
+                    cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+                    texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+                advance(len(chunk))
+        return texts
+
+
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""``max_lora_rank`` values vLLM accepts (``vllm/config/lora.py``; rule 5 of vllm-adapter-rules.md)."""
+
+
+class VLLMBackend:
+    """An export or model folder served in-process by ``vllm.LLM`` (adapters as a ``LoRARequest``)."""
+
+    name = "vllm"
+
+    def __init__(self, target: Target, cfg: EvalConfig) -> None:
+        try:
+            import vllm
+            from vllm.lora.request import LoRARequest
+        except ImportError as exc:
+            raise PesoError(
+                "--backend vllm needs vllm, which is not installed here "
+                "(pip install 'peso[serve]' on a GPU machine); --backend hf works everywhere"
+            ) from exc
+        if target.kind == "run":
+            raise PesoError(
+                "--backend vllm evaluates export or model folders; export the run first "
+                "(peso export RUN --format anchored --out DIR) and evaluate DIR"
+            )
+        if target.model is None or not Path(target.model).is_dir():
+            raise PesoError(f"--backend vllm needs a model folder on disk; {target.model!r} is not one")
+        kwargs: dict[str, Any] = {}
+        self.lora = None
+        if target.adapter_dir is not None:
+            rank = int(json.loads((target.adapter_dir / "adapter_config.json").read_text())["r"])
+            kwargs.update(
+                enable_lora=True,
+                max_loras=1,
+                max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank),
+            )
+            self.lora = LoRARequest("peso-eval", 1, str(target.adapter_dir))
+        dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.dtype]
+        self.llm = vllm.LLM(
+            model=target.model, dtype=dtype, seed=0, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+        # the transformers tokenizer of the folder: token ids identical to the hf backend's
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            target.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model_config = json.loads((Path(target.model) / "config.json").read_text())
+        self.context_length = model_config.get("max_position_embeddings")
+        self.batch_size = cfg.batch_size
+        self._vllm = vllm
+
+    def _run(self, prompts: Sequence[list[int]], params: Any, advance: Advance) -> list[Any]:
+        outputs = []
+        chunk = max(1, 8 * self.batch_size)  # vLLM batches internally; chunks only pace the progress bar
+        for start in range(0, len(prompts), chunk):
+            part = [{"prompt_token_ids": list(ids)} for ids in prompts[start : start + chunk]]
+            outputs += self.llm.generate(part, params, lora_request=self.lora, use_tqdm=False)
+            advance(len(part))
+        return outputs
+
+    def sequence_nll(self, examples: Sequence[Example], advance: Advance) -> list[tuple[float, int]]:
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        outputs = self._run([ex.input_ids for ex in examples], params, advance)
+        results = []
+        for ex, out in zip(examples, outputs, strict=True):
+            # prompt_logprobs[i] holds log p(token i | tokens < i), the prompt token always included.
+            trained = [i for i in range(1, len(ex)) if ex.labels[i] != IGNORE]
+            nll = -sum(out.prompt_logprobs[i][ex.input_ids[i]].logprob for i in trained)
+            results.append((float(nll), len(trained)))
+        return results
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, advance: Advance) -> list[str]:
+        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        return [out.outputs[0].text for out in self._run(prompts, params, advance)]

@@ -1,0 +1,609 @@
+"""Step time, restart cost and peak memory of every registered method against ``lora`` and PEFT's LoRA.
+
+Every method trains the same model (``--model tiny``: the built-in tiny Llama; ``--model 100m``: a
+random-weight ~100M-parameter Llama built from ``LlamaConfig``) on the same random-token batches
+(``--batch`` x ``--seq``) with the same step order as ``peso train`` (``pesocli/train/loop.py``):
+
+    maybe_restart -> training_step(forward + backward) -> before_step -> clip -> step -> schedule -> zero_grad
+
+built from the same blocks (``Engine``, ``PesoAdamW``, ``build_scheduler``) but in a loop of its own, so
+the figures measure the method and not the CLI (no logging, no progress bar, no checkpoints).
+``peft-lora`` is the outside baseline: ``peft.get_peft_model`` (r, alpha, targets as ours) and the same
+loop with ``torch.optim.AdamW``.
+
+Each (method, repeat) runs in its own subprocess; repeats are interleaved (the method order rotates
+every repeat) so that load from other users of a shared machine spreads over all methods.
+
+Measured per run:
+- step time: wall time of the training step proper (forward, backward, method hook, clip, optimizer)
+  at every step; ``median_step_s`` is its median after ``--warmup`` steps.
+- restarts: wall time of ``Engine.maybe_restart`` (sketch passes + SVD + alignment), split into the
+  sketch (everything before the method's per-layer work) and SVD + alignment (the methods'
+  per-layer ``RestartRecord.seconds``). ``restart_share`` = restart time / total training time.
+- ``amortised_step_s`` = ``median_step_s`` + total restart time / steps: the time per step of a
+  run with restarts, robust to the odd slow step caused by other users of the machine. The target
+  ratios use it.
+- peak memory, restart steps included, above the baseline taken after the model (and the batches)
+  are built and before adapters exist. CPU: the kernel's peak resident set (``VmHWM``), reset
+  after the baseline via ``/proc/self/clear_refs``; glibc is told (``mallopt``) to serve every
+  allocation above 64 KiB by ``mmap`` so freed tensors leave the resident set at once and the
+  peak follows live tensor memory rather than allocator caching. CUDA:
+  ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the baseline.
+
+    OMP_NUM_THREADS=1 python scripts/bench_methods.py --model tiny --steps 200 --repeats 3 \\
+        --json docs/figures/bench_methods_tiny.json --plot docs/figures/bench_methods_tiny.png
+
+A method may carry config overrides: ``peso-r:fullgrad.power_iters=0`` (comma-separated
+``key=value`` after the colon; a bare key is taken from the ``method`` section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEFT = "peft-lora"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# ~100M parameters: Llama-3-style GQA (12 query heads over 4 key/value heads), tied embeddings.
+LLAMA_100M = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+MODEL_DEFAULTS = {"tiny": {"batch": 16, "seq": 128}, "100m": {"batch": 2, "seq": 128}}
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def fix_malloc() -> None:
+    """Serve allocations above 64 KiB by mmap (a fixed threshold) so freed tensors leave the RSS."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+
+
+def trim_malloc() -> None:
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class MemoryMeter:
+    """Peak memory above a baseline: CUDA allocator statistics, or the kernel's counters on CPU.
+
+    CPU: ``VmHWM`` (peak resident set) is reset to the current RSS at :meth:`start`. It counts
+    file-backed pages too, and a method that runs new code (a restart's LAPACK calls) faults in
+    pages of ``libtorch_cpu.so`` that are not memory it allocated. So :meth:`peak` subtracts the
+    growth of ``RssFile`` + ``RssShmem`` from the peak: ``(VmHWM - file_end) - anon_start``, the
+    peak of anonymous memory (tensors, optimizer state, allocator overhead) above the baseline.
+    It is exact when no code page is first touched after the peak, else a slight under-estimate.
+    ``peak_rss`` keeps the uncorrected figure.
+    """
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        self.base = 0
+        self.how = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM - RssFile - RssShmem"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = self.torch.cuda.memory_allocated(self.device)
+            return
+        trim_malloc()
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset VmHWM to the current RSS
+        self.base = _status_kib("RssAnon") * 1024
+        self.base_rss = _status_kib("VmHWM") * 1024
+
+    def peak(self) -> int:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated(self.device) - self.base
+        file_pages = (_status_kib("RssFile") + _status_kib("RssShmem")) * 1024
+        return _status_kib("VmHWM") * 1024 - file_pages - self.base
+
+    def peak_rss(self) -> int:
+        if self.cuda:
+            return self.peak()
+        return _status_kib("VmHWM") * 1024 - self.base_rss
+
+
+# ------------------------------------------------------------------------------------- worker
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``peso-r:fullgrad.power_iters=0,restart_every=100`` -> ``("peso-r", {...})``."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key if "." in key else f"method.{key}"] = value
+    return name, overrides
+
+
+def build_model(kind: str, device, dtype):
+    import torch
+
+    if kind == "tiny":
+        from pesocli.models import build_tiny_model, load_tiny_tokenizer
+
+        tokenizer = load_tiny_tokenizer()
+        return build_tiny_model(tokenizer).to(device=device, dtype=dtype), len(tokenizer)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_100M))
+    return model.to(device=device, dtype=dtype), LLAMA_100M["vocab_size"]
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from pesocli.config import load_config
+    from pesocli.engine import Engine
+    from pesocli.methods import build_method
+    from pesocli.models import resolve_dtype
+    from pesocli.optim import PesoAdamW
+    from pesocli.train.lr import build_scheduler
+
+    fix_malloc()
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    model, vocab = build_model(args.model, device, dtype)
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    data = [
+        torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+        for _ in range(args.steps)
+    ]
+    name, overrides = parse_spec(args.worker)
+    if name == PEFT:
+        from peft import LoraConfig, get_peft_model  # imported before the baseline: not the method's memory
+    meter = MemoryMeter(device)
+    meter.start()
+
+    torch.manual_seed(args.seed)
+    engine = None
+    if name == PEFT:
+        model = get_peft_model(
+            model,
+            LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(TARGETS)),
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        config = {"peft": {"r": args.rank, "lora_alpha": args.alpha}}
+        max_grad_norm = 1.0
+    else:
+        base = {
+            "method.name": name,
+            "method.rank": args.rank,
+            "method.alpha": args.alpha,
+            "optim.lr": args.lr,
+        }
+        cfg = load_config(None, base)
+        if "restart_every" in type(cfg.method).field_names():
+            base["method.restart_every"] = args.restart_every
+        cfg = load_config(None, {**base, **overrides})
+        method = build_method(cfg.method, name)
+        method.setup(total_steps=args.steps, steps_per_epoch=args.steps)
+        engine = Engine(model, method, cfg.fullgrad)
+        params = engine.trainable_parameters()
+        o = cfg.optim
+        optimizer = PesoAdamW(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+        config = {"method": cfg.method.__dict__, "fullgrad": cfg.fullgrad.__dict__}
+        max_grad_norm = o.max_grad_norm
+    scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_ratio=0.03, kind="cosine")
+    setup_bytes = meter.peak()  # adapters (and anything their setup allocated), before any step
+
+    def loss_of(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    step_s, restart_s, align_s, losses, restart_steps = [], [], [], [], []
+    step_cpu_s, restart_cpu_s = [], []
+    profiler = None
+    profile_from = args.profile_from if args.profile_from is not None else args.warmup
+    for step in range(args.steps):
+        if args.profile and step == profile_from:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            profiler = profile(activities=activities)
+            profiler.__enter__()
+        ids = data[step]
+        seconds_restart = seconds_align = cpu_restart = 0.0
+        if engine is not None:
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+
+            def restart_pass(ids_=ids) -> None:
+                loss_of(ids_).backward()
+
+            with torch.profiler.record_function("bench::restart"):
+                records = engine.maybe_restart(step, optimizer, restart_pass)
+            _sync(device)
+            if records:
+                seconds_restart = time.perf_counter() - start
+                cpu_restart = time.process_time() - cpu_start
+                seconds_align = sum(r.seconds for r in records)
+                restart_steps.append(step)
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with torch.profiler.record_function("bench::train_step"):
+            with engine.training_step() if engine is not None else contextlib.nullcontext():
+                loss = loss_of(ids)
+                loss.backward()
+            if engine is not None:
+                engine.before_step(optimizer, step)
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        _sync(device)
+        step_s.append(time.perf_counter() - start)
+        step_cpu_s.append(time.process_time() - cpu_start)
+        if profiler is not None and step == profile_from + args.profile - 1:
+            profiler.__exit__(None, None, None)
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+            print(f"profile of steps {profile_from}..{step} ({name}):\n{table}", file=sys.stderr)
+            profiler = None
+        restart_s.append(seconds_restart)
+        restart_cpu_s.append(cpu_restart)
+        align_s.append(seconds_align)
+    peak, peak_rss = meter.peak(), meter.peak_rss()
+    anchor_ranks = sorted({layer.anchor.rank for layer in engine.layers.values()}) if engine else []
+    return {
+        "spec": args.worker,
+        "method": name,
+        "config": config,
+        "model": args.model,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "step_s": step_s,
+        "restart_s": restart_s,
+        "step_cpu_s": step_cpu_s,
+        "restart_cpu_s": restart_cpu_s,
+        "align_s": align_s,
+        "restart_steps": restart_steps,
+        "anchor_ranks_end": anchor_ranks,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "peak_bytes": peak,
+        "peak_rss_bytes": peak_rss,
+        "setup_bytes": setup_bytes,
+        "baseline_bytes": meter.base,
+        "memory_how": meter.how,
+        "device": str(device),
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg": os.getloadavg(),
+    }
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+def summarise_run(run: dict, warmup: int, clock: str = "wall") -> dict:
+    """Per-run figures on one clock: ``wall`` (perf_counter) or ``cpu`` (process CPU time)."""
+    suffix = "_cpu_s" if clock == "cpu" else "_s"
+    steps = run["step" + suffix]
+    restart = sum(run["restart" + suffix])
+    wall_restart = sum(run["restart_s"])
+    align_share = sum(run["align_s"]) / wall_restart if wall_restart > 0 else 0.0
+    train = sum(steps)
+    median = statistics.median(steps[warmup:] if len(steps) > warmup else steps)
+    # median step time of each segment between restarts (anchor growth shows up here)
+    bounds = [*run["restart_steps"], run["steps"]] if run["restart_steps"] else [0, run["steps"]]
+    segments = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        chunk = steps[max(lo, warmup) : hi] or steps[lo:hi]
+        if chunk:
+            segments.append(statistics.median(chunk))
+    return {
+        "median_step_s": median,
+        "mean_step_s": (train + restart) / run["steps"],
+        "restart_total_s": restart,
+        "restarts": len(run["restart_steps"]),
+        "sketch_s": restart * (1 - align_share),
+        "svd_align_s": restart * align_share,
+        "restart_share": restart / (train + restart),
+        "amortised_step_s": median + restart / run["steps"],
+        "segment_median_s": segments,
+        "peak_bytes": run["peak_bytes"],
+    }
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Median over repeats of every per-run summary figure."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["repeats"] = len(runs)
+    out["amortised_step_s_all"] = [r["amortised_step_s"] for r in runs]
+    out["peak_bytes_all"] = [r["peak_bytes"] for r in runs]
+    return out
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.3f}" if b else "-"
+
+
+def print_table(results: dict[str, dict], wall: dict[str, dict] | None = None) -> str:
+    """Ratios of amortised step time and peak memory against ``lora`` and PEFT's LoRA."""
+    lora = results.get("lora")
+    peft = results.get(PEFT)
+    wall = wall or {}
+    head = (
+        f"{'method':<34} {'median s':>9} {'amort. s':>9} {'x lora':>7} {'x peft':>7} {'wall x lora':>11} "
+        f"{'restarts':>8} {'share':>6} {'peak MiB':>9} {'mem x lora':>10} {'mem x peft':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for spec, r in results.items():
+        w, wl = wall.get(spec), wall.get("lora")
+        lines.append(
+            f"{spec:<34} {r['median_step_s']:>9.4f} {r['amortised_step_s']:>9.4f} "
+            f"{_ratio(r['amortised_step_s'], lora and lora['amortised_step_s']):>7} "
+            f"{_ratio(r['amortised_step_s'], peft and peft['amortised_step_s']):>7} "
+            f"{_ratio(w['amortised_step_s'], wl['amortised_step_s']) if w and wl else '-':>11} "
+            f"{r['restarts']:>8.0f} {100 * r['restart_share']:>5.1f}% {r['peak_bytes'] / 2**20:>9.1f} "
+            f"{_ratio(r['peak_bytes'], lora and lora['peak_bytes']):>10} "
+            f"{_ratio(r['peak_bytes'], peft and peft['peak_bytes']):>10}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title: str, clock: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for spec, spec_runs in runs.items():
+        key = "step_cpu_s" if clock == "cpu" else "step_s"
+        steps = [statistics.median(col) for col in zip(*(r[key] for r in spec_runs), strict=True)]
+        window = 9
+        smooth = [
+            statistics.median(steps[max(0, i - window // 2) : i + window // 2 + 1]) for i in range(len(steps))
+        ]
+        (line,) = left.plot(range(len(smooth)), [1000 * s for s in smooth], label=spec, lw=1.2)
+        for step in spec_runs[0]["restart_steps"]:
+            left.axvline(step, color=line.get_color(), ls=":", lw=0.8, alpha=0.6)
+    left.set_xlabel("step")
+    left.set_ylabel(f"training step, {clock} ms (median of repeats, 9-step running median)")
+    left.set_title("step time (dotted: restarts of that method)")
+    left.legend(fontsize=7)
+    names = list(results)
+    lora = results.get("lora", {}).get("amortised_step_s")
+    base = [results[n]["median_step_s"] / lora for n in names] if lora else []
+    extra = (
+        [(results[n]["amortised_step_s"] - results[n]["median_step_s"]) / lora for n in names] if lora else []
+    )
+    if lora:
+        xs = range(len(names))
+        right.bar(xs, base, label="training step")
+        right.bar(xs, extra, bottom=base, label="restarts (amortised)")
+        right.axhline(1.02, color="k", ls="--", lw=0.8, label="1.02 x lora (target)")
+        for x, n in zip(xs, names, strict=True):
+            mem = results[n]["peak_bytes"] / results["lora"]["peak_bytes"]
+            right.text(x, base[x] + extra[x] + 0.01, f"mem {mem:.2f}x", ha="center", fontsize=7)
+        right.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
+        right.set_ylabel(f"amortised step time ({clock}) / lora")
+        right.set_title("time per step relative to lora (labels: peak memory / lora)")
+        right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def code_fingerprint() -> dict:
+    """Git HEAD and a hash of the working tree's ``pesocli/*.py`` (others edit it while we measure)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted((root / "pesocli").rglob("*.py")):
+        digest.update(path.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        head = None
+    return {"git_head": head, "pesocli_sha256": digest.hexdigest()[:16]}
+
+
+def default_methods() -> list[str]:
+    from pesocli.methods import METHODS
+
+    return [*METHODS, PEFT]
+
+
+def run_driver(args: argparse.Namespace) -> None:
+    specs = args.methods or default_methods()
+    clock = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
+    passthrough = [
+        "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+        "--device", args.device, "--dtype", args.dtype, "--rank", str(args.rank), "--alpha", str(args.alpha),
+        "--restart-every", str(args.restart_every), "--lr", str(args.lr), "--seed", str(args.seed),
+        "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    runs: dict[str, list[dict]] = {spec: [] for spec in specs}
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
+            for spec in order:
+                out = Path(tmp) / "run.json"
+                cmd = [sys.executable, __file__, "--worker", spec, "--worker-out", str(out), *passthrough]
+                load = os.getloadavg()[0]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"[{spec}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                run = json.loads(out.read_text())
+                run["loadavg_before"] = load
+                runs[spec].append(run)
+                s = summarise_run(run, args.warmup, clock)
+                w = summarise_run(run, args.warmup, "wall")
+                print(
+                    f"repeat {rep} {spec:<34} median {s['median_step_s']:.4f} s {clock} "
+                    f"({w['median_step_s']:.4f} s wall)  restarts {s['restarts']} "
+                    f"({s['restart_total_s']:.2f} s)  peak {s['peak_bytes'] / 2**20:.1f} MiB  "
+                    f"load {load:.2f}",
+                    flush=True,
+                )
+    runs = {k: v for k, v in runs.items() if v}
+    by_clock = {
+        c: {spec: aggregate([summarise_run(r, args.warmup, c) for r in rs]) for spec, rs in runs.items()}
+        for c in ("cpu", "wall")
+    }
+    results = by_clock[clock]
+    header = (
+        f"model {args.model}, batch {args.batch} x seq {args.seq}, {args.steps} steps, rank {args.rank}, "
+        f"restart_every {args.restart_every}, device {args.device}, {args.repeats} interleaved repeats "
+        f"(medians), times on the {clock} clock, {time.time() - started:.0f} s"
+    )
+    print()
+    print(header)
+    table = print_table(results, by_clock["wall"])
+    if args.json:
+        payload = {
+            "args": vars(args),
+            "clock": clock,
+            "header": header,
+            "table": table,
+            "results": results,
+            "results_by_clock": by_clock,
+            "runs": runs,
+            "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+            "code": code_fingerprint(),
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        title = (
+            f"{args.model}: batch {args.batch} x {args.seq}, {args.steps} steps, r={args.rank}, "
+            f"K={args.restart_every}, {args.device}, {args.repeats} repeats, {clock} clock"
+        )
+        plot(results, runs, args.plot, title, clock)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "100m"), default="tiny")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"method specs (default: every registered method and {PEFT})",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="backbone dtype: auto (bf16 on CUDA), bf16, fp32")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--restart-every", type=int, default=50, help="K for methods with restart_every")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="auto: process CPU time on CPU (robust to other users of a shared machine), wall time on CUDA",
+    )
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="write a PNG here")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="(with --worker) profile this many steps with torch.profiler; table on stderr",
+    )
+    parser.add_argument(
+        "--profile-from", type=int, default=None, help="first profiled step (default: --warmup)"
+    )
+    parser.add_argument("--profile-rows", type=int, default=25, help="rows of the profile table")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    defaults = MODEL_DEFAULTS[args.model]
+    args.batch = args.batch or defaults["batch"]
+    args.seq = args.seq or defaults["seq"]
+    if args.worker:
+        result = run_worker(args)
+        text = json.dumps(result, default=str)
+        if args.worker_out:
+            Path(args.worker_out).write_text(text)
+        else:
+            s = summarise_run(result, args.warmup)
+            print(json.dumps({k: v for k, v in s.items() if not isinstance(v, list)}, indent=1))
+        return
+    if not math.isfinite(args.lr):
+        parser.error("--lr must be finite")
+    run_driver(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""``peso eval``: answers, the three metrics, every target kind giving the same numbers, one-line errors.
+
+One short ``peso-r`` run (120 steps, restarts at 0/40/80, a checkpoint at 60) is trained once for
+the module; every eval uses ``--limit`` so the file stays well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pesocli.cli import main
+from pesocli.config import embedded_config_path, load_config
+from pesocli.evaluate import answers_match, extract_answer, normalize_answer
+from pesocli.paths import default_eval_data
+from pesocli.train import run_training
+
+LIMIT = 40
+FAST = ["--limit", str(LIMIT), "--max-new-tokens", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval-runs")
+    cfg = load_config(
+        embedded_config_path(),
+        {
+            "train.max_steps": 120,
+            "method.restart_every": 40,
+            "checkpoint.every": 60,
+            "train.quiet": True,
+            "train.output_dir": str(out),
+            "train.run_name": "peso-r",
+        },
+    )
+    run_training(cfg)
+    return out / "peso-r"
+
+
+def _eval(args: list[str]) -> dict:
+    result = CliRunner().invoke(main, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "eval.json").read_text())
+
+
+def _values(doc: dict) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in doc["results"]}
+
+
+def _predictions(out: Path, metric: str) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return [p for p in lines if p["metric"] == metric]
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("5 - 1 = 4\n#### 4", "4"),
+        ("#### 1,234.50", "1234.5"),
+        ("so the total is $18.", "18"),
+        ("#### 4.0\n### Instruction: 7", "4"),
+        ("first 3 then 12 apples", "12"),
+        ("#### -0", "0"),
+        ("#### 72 apples", "72"),
+        ("The answer is Paris.", "the answer is paris"),
+        ("", ""),
+    ],
+)
+def test_extract_answer(text: str, answer: str) -> None:
+    assert extract_answer(text) == answer
+
+
+def test_answers_match_and_normaliser() -> None:
+    assert answers_match("2 * 2 = 4\n#### 4", "#### 4.00")
+    assert not answers_match("#### 5", "#### 4")
+    assert not answers_match("", "")  # nothing predicted is never right
+    assert normalize_answer("  $1,000 ") == "1000"
+
+
+# --- a run, its checkpoint and its exports ----------------------------------------------------
+
+
+def test_eval_of_a_run_reports_exact_match_and_perplexity(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    doc = _eval([str(run_dir), "--out", str(out), *FAST])
+    values = _values(doc)
+    assert set(values) == {"exact-match", "perplexity"}
+    assert 0.0 <= values["exact-match"] <= 1.0
+    assert 1.0 < values["perplexity"] < 50.0
+    assert all(r["n"] == LIMIT for r in doc["results"])
+    assert doc["target"]["kind"] == "run" and doc["target"]["step"] == 120
+    assert doc["target"]["hash"].startswith("sha256:") and len(doc["target"]["hash"]) == 71
+    assert doc["config"]["metrics"] == ["exact-match", "perplexity"] and doc["config"]["limit"] == LIMIT
+    generated = _predictions(out, "exact-match")
+    assert len(generated) == LIMIT
+    assert {"prompt", "reference", "prediction", "correct"} <= set(generated[0])
+    assert sum(p["correct"] for p in generated) == round(values["exact-match"] * LIMIT)
+
+
+def test_perplexity_is_exp_of_the_training_eval_loss(run_dir: Path, tmp_path: Path) -> None:
+    """Same encoding, masking and shift as ``peso train``'s eval loss on the same records."""
+    from pesocli.data import DataConfig, build_datasets
+    from pesocli.runs import load_run
+    from pesocli.train.loop import evaluate
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(default_eval_data().read_text().splitlines(keepends=True)[:24]))
+    doc = _eval(
+        [
+            str(run_dir),
+            "--data",
+            str(data),
+            "--metric",
+            "perplexity",
+            "--out",
+            str(tmp_path / "ev"),
+            "--quiet",
+        ]
+    )
+    run = load_run(run_dir)
+    bundle = build_datasets(DataConfig(path=str(data), val_path=str(data)), run.tokenizer, seed=0)
+    loss = evaluate(run.model, bundle, batch_size=5, device=torch.device("cpu"))
+    assert _values(doc)["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_checkpoint_target(run_dir: Path, tmp_path: Path) -> None:
+    doc = _eval(
+        [str(run_dir), "--checkpoint", "60", "--metric", "perplexity", "--out", str(tmp_path / "ev"), *FAST]
+    )
+    assert doc["target"]["step"] == 60 and doc["target"]["checkpoint"] == 60
+    final = _eval([str(run_dir), "--metric", "perplexity", "--out", str(tmp_path / "ev2"), *FAST])
+    assert doc["target"]["hash"] != final["target"]["hash"]
+    assert _values(doc)["perplexity"] != _values(final)["perplexity"]
+
+
+def test_exports_give_the_numbers_of_the_run(run_dir: Path, tmp_path: Path) -> None:
+    """anchored (model + PEFT adapter, unmerged), merged (dense) and adapter (on the base) exports."""
+    pytest.importorskip("pesocli.export", reason="pesocli.export ([export]) has not landed")
+    runner = CliRunner()
+    docs, generated = {}, {}
+    for fmt in ("anchored", "merged", "adapter"):
+        folder = tmp_path / fmt
+        result = runner.invoke(
+            main, ["export", str(run_dir), "--format", fmt, "--out", str(folder), "--dtype", "fp32"]
+        )
+        assert result.exit_code == 0, result.output
+        docs[fmt] = _eval([str(folder), "--out", str(tmp_path / f"ev-{fmt}"), *FAST])
+        generated[fmt] = [p["prediction"] for p in _predictions(tmp_path / f"ev-{fmt}", "exact-match")]
+    docs["run"] = _eval([str(run_dir), "--out", str(tmp_path / "ev-run"), *FAST])
+    generated["run"] = [p["prediction"] for p in _predictions(tmp_path / "ev-run", "exact-match")]
+
+    assert docs["anchored"]["target"]["kind"] == "anchored" and docs["merged"]["target"]["kind"] == "model"
+    assert docs["adapter"]["target"]["kind"] == "adapter"
+    reference = _values(docs["run"])
+    for fmt in ("anchored", "merged", "adapter"):
+        values = _values(docs[fmt])
+        assert values["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6), fmt
+        assert values["exact-match"] == reference["exact-match"], fmt
+        assert generated[fmt] == generated["run"], fmt
+    assert _values(docs["anchored"])["perplexity"] == pytest.approx(
+        _values(docs["merged"])["perplexity"], rel=1e-6
+    )
+
+
+# --- choice ------------------------------------------------------------------------------------
+
+
+def test_choice_metric_matches_a_dense_log_likelihood(run_dir: Path, tmp_path: Path) -> None:
+    records = [
+        {"question": "What is 2 + 3?", "choices": ["4", "5", "6"], "answer": 1},
+        {"question": "Ann has 4 pens and gets 4 more. How many pens?", "choices": ["8", "16"], "answer": "A"},
+        {
+            "question": "What is 9 - 3?",
+            "input": "Answer with a number.",
+            "choices": ["3", "6"],
+            "answer": "6",
+        },
+    ]
+    data = tmp_path / "choice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "ev"
+    doc = _eval([str(run_dir), "--data", str(data), "--out", str(out), "--quiet"])
+    assert [r["metric"] for r in doc["results"]] == ["choice"] and doc["results"][0]["n"] == 3
+    predictions = _predictions(out, "choice")
+    assert [p["reference"] for p in predictions] == [1, 0, 1]
+
+    # dense reference for the first record: log-softmax of the run's logits over the option tokens
+    from pesocli.data.templates import load_prompt_template
+    from pesocli.runs import load_run
+
+    run = load_run(run_dir)
+    tok, template = run.tokenizer, load_prompt_template("alpaca")
+    context = [
+        tok.bos_token_id,
+        *tok.encode(template.render_prompt(records[0]["question"]), add_special_tokens=False),
+    ]
+    for choice, loglik in zip(records[0]["choices"], predictions[0]["logliks"], strict=True):
+        option = tok.encode(template.render_response(choice), add_special_tokens=False)
+        ids = torch.tensor([context + option])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(run.model(ids).logits[0, :-1].double(), dim=-1)
+        expected = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(option))
+        assert loglik == pytest.approx(expected, abs=1e-4)
+    assert predictions[0]["prediction"] == max(range(3), key=predictions[0]["logliks"].__getitem__)
+
+
+# --- one-line errors ---------------------------------------------------------------------------
+
+
+def _error_line(args: list[str]) -> str:
+    result = CliRunner().invoke(main, ["eval", *args])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_targets_and_data_get_one_line_errors(run_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty" in _error_line([str(empty)])
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("final", "eval"))
+    assert "no final/" in _error_line([str(unfinished)]) and "60" in _error_line([str(unfinished)])
+    assert "no checkpoint at step 7" in _error_line([str(run_dir), "--checkpoint", "7"])
+
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "1 + 1 = 2"}) + "\n")
+    assert "exact-match needs prompt/answer records" in _error_line(
+        [str(run_dir), "--data", str(text), "--metric", "exact-match"]
+    )
+    assert "choice needs choice records" in _error_line([str(run_dir), "--metric", "choice"])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    assert f"{broken}:2: invalid JSON" in _error_line([str(run_dir), "--data", str(broken)])
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert "cannot detect the data format" in _error_line([str(run_dir), "--data", str(unknown)])
+    bad_choice = tmp_path / "bad_choice.jsonl"
+    bad_choice.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    assert f"{bad_choice}:1: 'answer' 5" in _error_line([str(run_dir), "--data", str(bad_choice)])
+    assert "does not exist" in _error_line(["./no/such/folder"])
+
+
+def test_missing_optional_backends_are_one_line_errors(run_dir: Path) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert "--backend vllm needs vllm" in _error_line([str(run_dir), "--backend", "vllm"])
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        assert "--tasks needs lm-eval" in _error_line([str(run_dir), "--tasks", "gsm8k"])
+    assert "pass one or the other" in _error_line(
+        [str(run_dir), "--tasks", "gsm8k", "--metric", "perplexity"]
+    )
+
+
+def test_eval_help() -> None:
+    result = CliRunner().invoke(main, ["eval", "--help"])
+    assert result.exit_code == 0
+    for option in (
+        "--metric",
+        "--checkpoint",
+        "--max-new-tokens",
+        "--limit",
+        "--backend",
+        "--tasks",
+        "--out",
+    ):
+        assert option in result.output
