@@ -76,8 +76,10 @@ class ModelConfig:
         if self.compute_dtype not in ("auto", "bf16", "fp32"):
             errors.append(f"model.compute_dtype must be auto, bf16 or fp32 (got {self.compute_dtype!r})")
         elif self.compute_dtype != "auto" and self.quant not in ("nf4", "fp4"):
-            errors.append(f"model.compute_dtype applies to 4-bit backbones only (model.quant is "
-                          f"{self.quant!r}); leave it auto")
+            errors.append(
+                f"model.compute_dtype applies to 4-bit backbones only (model.quant is "
+                f"{self.quant!r}); leave it auto"
+            )
         return errors
 
 
@@ -159,6 +161,9 @@ class TrainConfig:
     step losses is handled like a non-finite one (``nan_policy``); ``None`` turns the watchdog off."""
     max_consecutive_skips: int = 10
     """With ``nan_policy: skip``, stop anyway (as ``stop`` does) after this many bad steps in a row."""
+    export: tuple[str, ...] = ("anchored",)
+    """Exports written into ``<run>/export/<format>/`` when training ends (``anchored``, ``adapter``,
+    ``merged``); ``none`` (or an empty list) writes none. ``peso export`` writes more later."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -184,6 +189,11 @@ class TrainConfig:
             errors.append(f"train.loss_spike_factor must be > 1 or None (got {self.loss_spike_factor})")
         if self.max_consecutive_skips < 1:
             errors.append(f"train.max_consecutive_skips must be >= 1 (got {self.max_consecutive_skips})")
+        unknown = [f for f in self.export if f not in ("anchored", "adapter", "merged", "none")]
+        if unknown:
+            errors.append(
+                f"train.export: unknown format(s) {', '.join(unknown)}; use anchored, adapter, merged or none"
+            )
         return errors
 
 

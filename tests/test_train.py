@@ -74,6 +74,10 @@ def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str)
         assert all(r["anchor_rank"] > 0 for r in later)
         assert state["method_state"]["restarts_done"] == 3
         assert any(t.numel() > 0 for t in anchors.values())
+    # training ends with the anchored export, checked against the trained model before it lands
+    assert (run / "export/anchored/model/config.json").is_file()
+    assert (run / "export/anchored/adapter/adapter_config.json").is_file()
+    assert (run / "export/anchored/peso_export.json").is_file()
     assert json.loads((run / "summary.json").read_text())["restarts"] == (0 if method == "lora" else 3)
 
 
@@ -209,3 +213,23 @@ def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2
     assert "exists" in again.output and "Traceback" not in again.output
+
+
+def test_export_none_writes_no_export(tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--method",
+        "lora",
+        "--max-steps",
+        "3",
+        "--quiet",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+        "--export",
+        "none",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r/final").is_dir() and not (tmp_path / "r/export").exists()

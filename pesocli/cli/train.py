@@ -39,6 +39,11 @@ CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--keep-last", "checkpoint.keep_last", int, "Step checkpoints to keep, newest first (0: all)."),
     ("--nan-policy", "train.nan_policy", click.Choice(["stop", "skip"]),
      "Non-finite loss/gradient or loss spike: stop (write the last good state, exit 1) or skip the update."),
+    ("--quant", "model.quant", click.Choice(["none", "nf4", "fp4", "int8"]),
+     "Backbone quantisation through bitsandbytes (the base is never written; restarts go to the anchor)."),
+    ("--export", "train.export", str,
+     "Exports written into RUN/export/ when training ends: anchored, adapter, merged (comma-separated) "
+     "or none."),
     ("--loss-spike-factor", "train.loss_spike_factor", float,
      "Treat a loss above this factor x the median of the last 20 steps like a non-finite one."),
 )
@@ -47,6 +52,8 @@ CONFIG_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--trust-remote-code", "model.trust_remote_code", "Allow the model folder's own Python code to run."),
     ("--overwrite", "train.overwrite", "Replace an existing run folder of the same name."),
     ("--quiet", "train.quiet", "No progress bar or summary table."),
+    ("--gradient-checkpointing", "model.gradient_checkpointing",
+     "Recompute activations in the backward (less memory; restart sketches stay exact)."),
 )
 
 

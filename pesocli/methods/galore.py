@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from pesocli.linalg import principal_angles_deg
-from pesocli.methods.base import Method, MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.lora import LoRA
 from pesocli.methods.rac_lora import OneSidedDelta
 from pesocli.methods.schedule import restart_due
 
@@ -75,7 +76,7 @@ def projection_side(cfg: GaLoreConfig, out_features: int, in_features: int) -> s
     return "right" if out_features >= in_features else "left"
 
 
-class GaLore(Method):
+class GaLore(LoRA):
     name = "galore"
     Config = GaLoreConfig
     needs_full_gradient = True
@@ -142,9 +143,6 @@ class GaLore(Method):
             m, _ = optimizer.moments(trained)
             rotation = (new.T @ old).to(m.dtype)  # P_new^T P_old (r, r)
             m.copy_(rotation @ m if left else m @ rotation.T)
-
-    def lora_factors(self, delta: OneSidedDelta):
-        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
 
     def state_dict(self) -> dict:
         return {"updates_done": self.updates_done}

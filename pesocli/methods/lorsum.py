@@ -65,8 +65,8 @@ from torch import nn
 
 from pesocli.errors import NumericalError
 from pesocli.linalg import LowRankProducts, ThinProducts, TokenGradient, low_rank_sum, low_rank_svd
-from pesocli.methods.base import Method, MethodConfig, RestartContext, RestartRecord
-from pesocli.methods.lora import LoRADelta
+from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.lora import LoRA, LoRADelta
 from pesocli.methods.schedule import restart_due
 
 
@@ -268,7 +268,9 @@ def diagonal_gram(gradient: TokenGradient) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
-class LorSum(Method):
+class LorSum(LoRA):
+    """LoRA-shaped (export as LoRA's); AdamW is replaced by the LoRSum step in :meth:`before_step`."""
+
     name = "lorsum"
     Config = LorSumConfig
     scaled = False
@@ -382,10 +384,7 @@ class LorSum(Method):
         basis = torch.linalg.qr(rows.float().T)[0].T  # (r, in), orthonormal rows
         return basis * math.sqrt(delta.scale / 3.0)  # kaiming-uniform rows have norm ~ 1/sqrt(3)
 
-    # ---- export and state -------------------------------------------------------------------------
-    def lora_factors(self, delta: LorSumDelta):
-        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
-
+    # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"updates": self.updates, "restarts_done": self.restarts_done}
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from pesocli.linalg import low_rank_svd, principal_angles_deg
-from pesocli.methods.base import Method, MethodConfig, RestartContext, RestartRecord
-from pesocli.methods.lora import LoRADelta
+from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
+from pesocli.methods.lora import LoRA, LoRADelta
 from pesocli.methods.schedule import restart_due
 
 FACTORS = ("lora_A", "lora_B")
@@ -110,7 +110,7 @@ def draw_factor(shape: tuple[int, int], long_side: int, generator: torch.Generat
     return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
 
 
-class RacLoRA(Method):
+class RacLoRA(LoRA):
     name = "rac-lora"
     Config = RacLoRAConfig
 
@@ -172,9 +172,6 @@ class RacLoRA(Method):
             principal_angle_deg=angle, anchor_rank=layer.anchor.rank, seconds=time.perf_counter() - start,
             extra={"link": self.links_done, "frozen": frozen, "absorbed_singular_values": sigma.tolist()},
         )
-
-    def lora_factors(self, delta: OneSidedDelta):
-        return delta.lora_A.detach(), delta.lora_B.detach(), delta.scale
 
     def state_dict(self) -> dict:
         return {"links_done": self.links_done}

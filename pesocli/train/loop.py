@@ -27,7 +27,7 @@ from pesocli.data import DataBundle, batches, build_datasets, num_batches, rende
 from pesocli.engine import Engine
 from pesocli.errors import ConfigError, Interrupted, NumericalError
 from pesocli.methods import RestartRecord, build_method, method_class
-from pesocli.models import load_model_and_tokenizer, resolve_device
+from pesocli.models import load_model_and_tokenizer, prepare_model, resolve_device
 from pesocli.optim import PesoAdamW
 from pesocli.quant import quant_support_error
 from pesocli.train.guards import Snapshot, StopSignals, Watchdog, nonfinite_layers
@@ -71,7 +71,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over the trained (label != -100) tokens of ``batch``."""
     return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        use_cache=False,  # no KV cache in training (and none under gradient checkpointing)
     ).loss
 
 
@@ -146,6 +149,7 @@ def run_training(
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    prepare_model(model, cfg.model)
     bundle = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     steps_per_epoch = max(
         1, math.ceil(num_batches(len(bundle.train), cfg.train.batch_size) / cfg.train.grad_accum)
@@ -209,8 +213,10 @@ def run_training(
         if watchdog.policy == "skip":
             why += f" ({watchdog.consecutive} bad steps in a row)"
         if snapshot is not None and not snapshot.exact:
-            return NumericalError(f"{why}; the restart of this step changed dense anchors in place, so the "
-                                  f"last good state is the newest checkpoint in {run.checkpoints}")
+            return NumericalError(
+                f"{why}; the restart of this step changed dense anchors in place, so the "
+                f"last good state is the newest checkpoint in {run.checkpoints}"
+            )
         if snapshot is not None:
             snapshot.restore(engine.layers, optimizer, method)
         folder = checkpoint(step, mark)
@@ -356,8 +362,33 @@ def run_training(
     ]
     if eval_loss is not None:
         rows.insert(4, ("eval loss", f"{eval_loss:.4f}"))
+    rows.extend(export_finished_run(run.path, cfg, device, reporter))
     reporter.summary(rows)
     return result
+
+
+def export_finished_run(
+    run_dir: Path, cfg: RunConfig, device: torch.device, reporter: Reporter
+) -> list[tuple[str, str]]:
+    """Write ``cfg.train.export`` formats into ``<run>/export/<format>``; summary rows for each.
+
+    The export is reloaded and checked against the trained model before it is renamed into place
+    (``pesocli.export``); the serve command is in its README.md.
+    """
+    formats = [f for f in cfg.train.export if f != "none"]
+    if not formats:
+        return []
+    from pesocli.export.formats import ExportOptions, export_run
+    from pesocli.runs import load_run
+
+    loaded = load_run(run_dir, device=str(device))
+    rows = []
+    for fmt in formats:
+        result = export_run(
+            loaded, fmt, run_dir / "export" / fmt, ExportOptions(force=True), say=reporter.note
+        )
+        rows.append((f"export ({fmt})", f"{result.out}  (serve: see {result.out}/README.md)"))
+    return rows
 
 
 def _restart_safely(
@@ -393,8 +424,13 @@ def _restart_safely(
     )
     kept = [
         RestartRecord(
-            step=step, layer=name, method=method.name, kind="kept-old-subspace", rank=method.config.rank,
-            anchor_rank=engine.layers[name].anchor.rank, extra={"reason": reason},
+            step=step,
+            layer=name,
+            method=method.name,
+            kind="kept-old-subspace",
+            rank=method.config.rank,
+            anchor_rank=engine.layers[name].anchor.rank,
+            extra={"reason": reason},
         )
         for name in bad
     ]
