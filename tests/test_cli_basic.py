@@ -143,3 +143,13 @@ def test_method_switch_from_the_command_line(fake_training: list) -> None:
     result = CliRunner().invoke(main, ["train", "--restart-every", "25"])
     assert result.exit_code == 0, result.output
     assert fake_training[1][0].method.restart_every == 25
+
+
+def test_method_help_names_every_registered_method() -> None:
+    import importlib
+
+    from pesocli.methods import METHODS
+
+    options = importlib.import_module("pesocli.cli.train").CONFIG_OPTIONS
+    method_help = next(text for option, _key, _kind, text in options if option == "--method")
+    assert all(name in method_help for name in METHODS), method_help

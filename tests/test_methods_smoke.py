@@ -58,9 +58,10 @@ def test_few_steps_decrease_the_loss(make_tiny_model, token_batch, family, metho
             restarts.append(step)
             assert {r.layer for r in records} == set(engine.layers)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        losses.append(loss.item())
-        loss.backward()
+        with engine.training_step():  # the trainer's path: step probes (lorsum) see this backward
+            loss = loss_fn()
+            losses.append(loss.item())
+            loss.backward()
         engine.before_step(optimizer, step)
         optimizer.step()
     with torch.no_grad():
