@@ -164,6 +164,18 @@ class TrainConfig:
     export: tuple[str, ...] = ("anchored",)
     """Exports written into ``<run>/export/<format>/`` when training ends (``anchored``, ``adapter``,
     ``merged``); ``none`` (or an empty list) writes none. ``peso export`` writes more later."""
+    nproc: int = 1
+    """Training processes on this machine, one per GPU (gloo CPU processes without one); ``peso train``
+    starts them through ``torch.distributed.run``; under ``torchrun`` it is set to the number started.
+    The global batch per optimizer step is ``nproc x batch_size x grad_accum`` sequences, and a run
+    gives the same adapters with any ``nproc`` for the same global batch."""
+    fsdp: bool = False
+    """Shard the frozen backbone over the processes with FSDP2 (``fully_shard`` per decoder layer), for
+    backbones that do not fit one device; adapters and anchors stay replicated. Needs ``nproc > 1``
+    (or ``torchrun``); not with ``model.quant``."""
+    dist_timeout: float = 1800.0
+    """Seconds a process waits for the others (any collective, a checkpoint being written) before it
+    gives up and ends the run."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -189,6 +201,10 @@ class TrainConfig:
             errors.append(f"train.loss_spike_factor must be > 1 or None (got {self.loss_spike_factor})")
         if self.max_consecutive_skips < 1:
             errors.append(f"train.max_consecutive_skips must be >= 1 (got {self.max_consecutive_skips})")
+        if self.nproc < 1:
+            errors.append(f"train.nproc must be >= 1 (got {self.nproc})")
+        if not self.dist_timeout > 0:
+            errors.append(f"train.dist_timeout must be > 0 seconds (got {self.dist_timeout})")
         unknown = [f for f in self.export if f not in ("anchored", "adapter", "merged", "none")]
         if unknown:
             errors.append(

@@ -13,8 +13,8 @@ The ``exact`` mode forms the dense ``G`` of one layer at a time (one pass per la
 reference the tests compare against, usable on small models.
 
 Sketches are linear in ``G``: under ``torch.distributed`` each pass's products are summed with
-one all-reduce and every rank then computes the same small factorisations (the test matrix
-comes from the same seed on every rank).
+one flattened all-reduce and every rank then computes the same small factorisations (the test
+matrix comes from the same seed on every rank).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pesocli.layers import AdaptedLinear
+from pesocli.linalg import canonical_signs
 
 
 @dataclass(kw_only=True)
@@ -88,7 +89,8 @@ class DenseGradient(GradientEstimate):
 
     def top_r(self, rank):
         u, s, vh = torch.linalg.svd(self.gradient, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank].T
+        u, v = canonical_signs(u[:, :rank], vh[:rank].T)
+        return u, s[:rank], v
 
     def project(self, left, right):
         return left.T @ self.gradient @ right
@@ -109,7 +111,8 @@ class SketchedGradient(GradientEstimate):
     def top_r(self, rank):
         if self._svd is None:
             u, s, vh = torch.linalg.svd(self.coefficients, full_matrices=False)
-            self._svd = (self.basis @ u, s, vh.T)
+            u, v = canonical_signs(self.basis @ u, vh.T)
+            self._svd = (u, s, v)
         u, s, v = self._svd
         return u[:, :rank], s[:rank], v[:, :rank]
 
@@ -146,9 +149,16 @@ class _ProductProbe:
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum one pass's products over the processes: one flattened all-reduce (a no-op in one process).
+
+    A sum, not an average: the trainer divides each process's token-loss sum by the trained tokens
+    of *all* processes, so each process's ``G`` is its share of the global ``G`` and the shares add
+    up to the 1-process ``G`` exactly.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for tensor in tensors:
-            torch.distributed.all_reduce(tensor)
+        from pesocli.train.distributed import all_reduce_sum
+
+        all_reduce_sum(tensors)
 
 
 def _orthonormalize(matrix: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,19 @@ def orthonormal_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q * signs, r * signs[:, None]
 
 
+def canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular-vector pairs so each column of ``u`` has its largest-magnitude entry positive.
+
+    ``u (m, k)``, ``v (n, k)``; ``u diag(s) v^T`` is unchanged. LAPACK's signs can flip under
+    rounding noise (e.g. the same gradient summed on 1 or 2 processes); a fixed convention keeps
+    restarts, which rotate optimizer state by these bases, on the same path.
+    """
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, v * signs
+
+
 def procrustes_align(basis: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Rotate ``basis (m, r)`` to best match ``target (m, r)``: returns ``basis @ R_U^T``.
 

@@ -119,11 +119,18 @@ def _cached_snapshot(repo_id: str, name: str, cache_dir: str | Path | None) -> P
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; otherwise the named device, checked to exist.
+
+    In a process ``torchrun`` started (``LOCAL_RANK`` set), ``auto`` and ``cuda`` mean this process's
+    own GPU, ``cuda:LOCAL_RANK``; a fixed ``cuda:N`` is refused when several processes share the node.
+    """
+    import os
+
     import torch
 
+    local_rank = os.environ.get("LOCAL_RANK")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
@@ -131,6 +138,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         version = torch.__version__
         raise ConfigError(f"train.device: {name} requested but no CUDA device is visible (torch {version})")
+    if device.type == "cuda" and local_rank is not None:
+        local = int(local_rank)
+        if device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"train.device {name} names one GPU for every process on this node; use auto or cuda "
+                "(process LOCAL_RANK i takes cuda:i)"
+            )
+        if device.index is None:
+            if local >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"process LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} visible; start at "
+                    "most one process per GPU"
+                )
+            device = torch.device("cuda", local)
     return device
 
 

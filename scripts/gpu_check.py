@@ -16,8 +16,14 @@ still leaves its figures; a backbone whose estimated cost exceeds the time left 
 listed as such.
 
 The default batch (4 x 1024, gradient checkpointing on) is a row of gpu-anchors.md, so the
-figures compare with PEFT's 22.2 GiB (bf16) and 12.5 GiB (nf4) there. One GPU only: the
-all-GPU (DDP/FSDP2) rows arrive with the multi-GPU round.
+figures compare with PEFT's 22.2 GiB (bf16) and 12.5 GiB (nf4) there.
+
+All GPUs (``--all-gpus``, on by default when more than one GPU is visible): the first size is saved
+as a random-weight model folder and trained by the real trainer, ``peso train --nproc N`` (DDP over
+the adapters, then ``--fsdp``), with each method on the shipped arithmetic data (short sequences,
+``--batch-size`` per GPU); the rows (``all_gpus`` in the JSON) hold the median step time, tokens/s
+and rank 0's peak memory, and ``all_gpus_ratios`` peso-r / lora per mode. The CPU dry run runs
+this phase with 2 gloo processes on the tiny shape.
 
 bitsandbytes is not installed on the GPU image: copy its package folder here without the
 ``libbitsandbytes_*.so`` that the machine does not need (keep ``cpu`` and the ``cudaXYZ`` that
@@ -30,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import signal
 import statistics
 import sys
@@ -79,12 +86,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--bnb-path", type=Path, help="folder holding a carried bitsandbytes package")
+    parser.add_argument("--all-gpus", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train with peso train --nproc N on all N visible GPUs "
+                             "(default: when more than one is visible)")
+    parser.add_argument("--all-gpus-steps", type=int, default=8, help="optimizer steps per all-GPU run")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="run the same code on the tiny shape on CPU (fp32 for bf16, 2 x 32 tokens)")
     args = parser.parse_args(argv)
     if args.cpu_dry_run:
         args.sizes, args.batch_size, args.seq_len, args.steps = "tiny", 2, 32, 3
-        args.restart_every = 2
+        args.restart_every, args.all_gpus_steps = 2, 4
     return args
 
 
@@ -100,7 +111,8 @@ class Check:
         self.deadline = self.started + args.time_budget
         self.device = torch.device("cpu" if args.cpu_dry_run else "cuda")
         self.doc: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": {},
-                                    "rows": [], "ratios": [], "skipped": [], "notes": []}
+                                    "rows": [], "ratios": [], "all_gpus": [], "all_gpus_ratios": [],
+                                    "skipped": [], "notes": []}
         self.doc["environment"] = self._environment()
         self.bnb_error = self._bnb_error()
 
@@ -326,7 +338,112 @@ class Check:
                 began = time.monotonic()
                 self.run_backbone(size, precision)
                 measured[size] = (time.monotonic() - began) * 1.15
+        self.run_all_gpus(sizes[0] if sizes else "1b")
         self.write()
+
+    # ---- all GPUs: the real trainer under torchrun -------------------------------------------
+    def run_all_gpus(self, size: str) -> None:
+        """``peso train --nproc N`` (DDP, then FSDP2) for each method on a random-weight ``size`` folder."""
+        import subprocess
+        import tempfile
+
+        a = self.args
+        gpus = 2 if self.device.type == "cpu" else self.torch.cuda.device_count()
+        wanted = a.all_gpus if a.all_gpus is not None else gpus > 1
+        if not wanted:
+            self.doc["notes"].append(f"all-GPU rows skipped: {gpus} GPU visible (pass --all-gpus to force)")
+            return
+        modes = [("ddp", []), ("fsdp", ["--fsdp"])]
+        estimate = FIRST_GUESS_S[size] * len(modes) * len(a.methods.split(","))
+        if self.left() < estimate / 2:
+            why = f"time budget: {self.left():.0f} s left, about {estimate:.0f} s needed"
+            self.skip(f"all-gpus/{size}", why)
+            return
+        with tempfile.TemporaryDirectory(prefix="peso-gpu-check-") as tmp:
+            folder = self.save_random_model(size, Path(tmp) / "model")
+            env = dict(os.environ, PESO_DEBUG="0")
+            if a.bnb_path is not None:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(a.bnb_path), env.get("PYTHONPATH")]))
+            results: dict[str, dict[str, dict[str, Any]]] = {}
+            for mode, flags in modes:
+                for method in a.methods.split(","):
+                    if self.left() < 30:
+                        self.skip(f"all-gpus/{size}/{mode}/{method}", "time budget ran out")
+                        continue
+                    name = f"{mode}-{method}"
+                    command = [
+                        sys.executable, "-m", "pesocli.cli", "train", "--nproc", str(gpus), *flags,
+                        "--model", str(folder), "--method", method, "--rank", str(a.rank),
+                        "--alpha", str(2.0 * a.rank), "--max-steps", str(a.all_gpus_steps),
+                        "--batch-size", str(a.batch_size), "--lr", "1e-4", "--quiet",
+                        "--output-dir", tmp, "--run-name", name, "--device", self.device.type,
+                        "--set", "train.export=none", "--set", "data.val_split=0.01",
+                        "--set", "train.log_every=1",
+                    ]  # fmt: skip
+                    if method != "lora":
+                        command += ["--restart-every", str(a.restart_every)]
+                    if a.gradient_checkpointing:
+                        command.append("--gradient-checkpointing")
+                    row: dict[str, Any] = {"size": size, "gpus": gpus, "mode": mode, "method": method}
+                    began = time.monotonic()
+                    try:
+                        done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                              timeout=max(self.left() - 10, 10))
+                        if done.returncode != 0:
+                            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                            row["error"] = f"exit {done.returncode}: {tail}"
+                        else:
+                            row.update(self._trainer_figures(Path(tmp) / name, a.batch_size * gpus))
+                    except subprocess.TimeoutExpired:
+                        row["error"] = "time budget ran out mid-run"
+                    row["wall_s"] = round(time.monotonic() - began, 1)
+                    self.doc["all_gpus"].append(row)
+                    results.setdefault(mode, {})[method] = row
+                    print("all-gpus " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                    self.write()
+            names = a.methods.split(",")
+            for mode, rows in results.items():
+                ref = rows.get(names[0], {})
+                for method, row in rows.items():
+                    if method == names[0] or "error" in row or "error" in ref or not ref:
+                        continue
+                    ratio = {"mode": mode, "method": method, "versus": names[0], "gpus": gpus}
+                    for key in ("step_s", "peak_gib"):
+                        if row.get(key) and ref.get(key):
+                            ratio[f"{key.replace('_gib', '')}_ratio"] = round(row[key] / ref[key], 4)
+                    self.doc["all_gpus_ratios"].append(ratio)
+                    print("  ratio " + ", ".join(f"{k}={v}" for k, v in ratio.items()), flush=True)
+
+    def save_random_model(self, size: str, folder: Path) -> Path:
+        """A random-weight Llama of ``size`` with the tiny tokenizer, written as a model folder."""
+        from pesocli.models import load_tiny_tokenizer
+
+        model = self.build(size, "bf16")
+        model.save_pretrained(folder, safe_serialization=True)
+        load_tiny_tokenizer().save_pretrained(folder)
+        model = None  # noqa: F841
+        self.free()
+        return folder
+
+    @staticmethod
+    def _trainer_figures(run: Path, sequences_per_step: int) -> dict[str, Any]:
+        """Median step time (steps without a restart, after the first), tokens/s and peak memory of rank 0."""
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        pairs = list(zip(steps, steps[1:], strict=False))
+        times = [b["elapsed_s"] - a["elapsed_s"] for a, b in pairs if not b.get("restart")]
+        step_s = statistics.median(times[1:] or times) if times else math.nan
+        tokens = statistics.median([b["tokens"] - a["tokens"] for a, b in pairs]) if pairs else None
+        summary = json.loads((run / "summary.json").read_text())
+        return {
+            "step_s": round(step_s, 4),
+            "tokens_per_s": round(tokens / step_s, 1) if tokens and step_s == step_s else None,
+            "sequences_per_step": sequences_per_step,
+            "peak_gib": round(summary["peak_memory_bytes"] / GIB, 3),
+            "loss_first": round(steps[0]["loss"], 4) if steps else None,
+            "loss_last": round(steps[-1]["loss"], 4) if steps else None,
+            "restarts": summary.get("restarts"),
+        }
 
     def run_backbone(self, size: str, precision: str) -> None:
         torch = self.torch

@@ -5,12 +5,14 @@ This module only parses options; ``pesocli.train.run_training`` does (and prints
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pesocli.cli.common import config_option, parse_settings, run_command
+from pesocli.cli.common import config_option, debug_enabled, parse_settings, run_command
+from pesocli.errors import PesoError
 
 # (option, config key, click type, help): each named option sets exactly one config key.
 CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
@@ -47,6 +49,8 @@ CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
      "or none."),
     ("--loss-spike-factor", "train.loss_spike_factor", float,
      "Treat a loss above this factor x the median of the last 20 steps like a non-finite one."),
+    ("--nproc", "train.nproc", int,
+     "Processes (one per GPU), started through torchrun; global batch: nproc x batch size x grad accum."),
 )
 
 CONFIG_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -55,6 +59,8 @@ CONFIG_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--quiet", "train.quiet", "No progress bar or summary table."),
     ("--gradient-checkpointing", "model.gradient_checkpointing",
      "Recompute activations in the backward (less memory; restart sketches stay exact)."),
+    ("--fsdp", "train.fsdp",
+     "Shard the frozen backbone over the --nproc processes (FSDP2) when it does not fit one device."),
 )
 
 
@@ -113,9 +119,20 @@ def train(
     else:
         cfg = load_config(config_path if config_path is not None else embedded_config_path(), overrides)
 
+    from pesocli.train import distributed
+
+    if cfg.train.nproc > 1 and distributed.launched_rank() is None:
+        # start nproc processes of this very command (the resolved config, so all agree on the run)
+        sys.exit(distributed.launch(cfg, resume=run_dir, dry_run=dry_run, debug=debug_enabled()))
+
     from pesocli.train import run_training
 
-    if run_dir is not None:
-        run_training(cfg, dry_run=dry_run, resume=run_dir)
-    else:
-        run_training(cfg, dry_run=dry_run)
+    try:
+        if run_dir is not None:
+            run_training(cfg, dry_run=dry_run, resume=run_dir)
+        else:
+            run_training(cfg, dry_run=dry_run)
+    except PesoError as exc:
+        if getattr(exc, "reported_by_rank_0", False) and not debug_enabled():
+            sys.exit(exc.exit_code)  # every process raised it; rank 0 prints it once
+        raise

@@ -1,9 +1,15 @@
-"""``peso train``: one loop for CPU and one GPU (``torchrun`` arrives with [scale]).
+"""``peso train``: one loop for the CPU, one GPU and several processes (``torchrun`` / ``--nproc``).
 
-Reads top to bottom: set lr -> maybe restart -> micro-steps -> judge the step -> method hook ->
-clip -> step -> log -> maybe evaluate -> maybe checkpoint -> stop if signalled. Everything
-method-specific happens behind :class:`~pesocli.engine.Engine`; everything a checkpoint holds is
-one :class:`~pesocli.train.resume.TrainerState`.
+Reads top to bottom: set lr -> maybe restart -> micro-steps -> sum gradients over processes ->
+judge the step -> method hook -> clip -> step -> log -> maybe evaluate -> maybe checkpoint -> stop
+if signalled. Everything method-specific happens behind :class:`~pesocli.engine.Engine`; everything
+a checkpoint holds is one :class:`~pesocli.train.resume.TrainerState`; everything about several
+processes (sharing the batch, summing gradients, rank 0 writing) is in
+:mod:`pesocli.train.distributed` and is a no-op in one process.
+
+The loss of a step is the mean over every trained token of the step's (global) batch, however the
+batch is split into micro-batches and processes: each micro-batch's summed token loss is divided by
+the step's trained tokens, so ``grad_accum`` and ``nproc`` trade against each other exactly.
 
 Failures: every input is validated and the model, data and method are built before the run
 folder is created. A fresh run that fails before its first checkpoint removes its folder; after
@@ -13,6 +19,7 @@ that, the folder stays with its checkpoints and ``--resume`` continues it exactl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import resource
 import signal
@@ -22,14 +29,16 @@ from pathlib import Path
 
 import torch
 
-from pesocli.config import RunConfig, config_to_dict
-from pesocli.data import DataBundle, batches, build_datasets, num_batches, render_example
+from pesocli.config import RunConfig, config_from_dict, config_to_dict
+from pesocli.data import IGNORE, DataBundle, build_datasets, collate, num_batches, render_example
 from pesocli.engine import Engine
 from pesocli.errors import ConfigError, Interrupted, NumericalError
 from pesocli.methods import RestartRecord, build_method, method_class
 from pesocli.models import load_model_and_tokenizer, prepare_model, resolve_device
 from pesocli.optim import PesoAdamW
 from pesocli.quant import quant_support_error
+from pesocli.train import distributed
+from pesocli.train.distributed import PeerRunFolder, World
 from pesocli.train.guards import Snapshot, StopSignals, Watchdog, nonfinite_layers
 from pesocli.train.lr import build_scheduler
 from pesocli.train.progress import Reporter, format_bytes
@@ -43,7 +52,8 @@ from pesocli.train.resume import (
     warn,
 )
 from pesocli.train.runfolder import RunFolder, check_free
-from pesocli.train.stream import BatchStream
+from pesocli.train.state import read_state_json
+from pesocli.train.stream import BatchStream, placeholder_batch
 
 
 @dataclass
@@ -69,26 +79,55 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over the trained (label != -100) tokens of ``batch``."""
-    return model(
+    """The *summed* next-token cross-entropy over the trained (label != -100) tokens of ``batch``.
+
+    A sum, not a mean: the caller divides by the trained tokens of the whole (global) batch, which
+    is what makes micro-batches and processes add up to the 1-process gradient. The logits of the
+    trained positions are upcast to FP32 first, as transformers' own loss does.
+    """
+    logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
         use_cache=False,  # no KV cache in training (and none under gradient checkpointing)
-    ).loss
+    ).logits
+    labels = batch["labels"][:, 1:]
+    trained = labels != IGNORE
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1][trained].float(), labels[trained], reduction="sum"
+    )
+
+
+def trained_tokens(batches_: list[dict[str, torch.Tensor] | None]) -> int:
+    """Tokens with a loss (label != -100 after the shift) in ``batches_`` (``None``: an empty share)."""
+    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches_ if b is not None)
+
+
+def input_tokens(batches_: list[dict[str, torch.Tensor] | None]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches_ if b is not None)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, bundle: DataBundle, batch_size: int, device: torch.device) -> float:
-    """Token-weighted mean loss over the validation examples."""
+def evaluate(
+    model: torch.nn.Module,
+    bundle: DataBundle,
+    batch_size: int,
+    device: torch.device,
+    world: World | None = None,
+) -> float:
+    """Token-weighted mean loss over the validation examples (each process takes its share of each batch)."""
+    world = world or World()
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(bundle.val, batch_size, 0, 0, pad_token_id=bundle.pad_token_id, shuffle=False):
-        batch = _to(batch, device)
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(lm_loss(model, batch)) * tokens
-        count += tokens
+    pad, width = bundle.pad_token_id, batch_size * world.size
+    for start in range(0, len(bundle.val), width):
+        chosen = bundle.val[start : start + width]
+        mine = chosen[distributed.share(len(chosen), world.rank, world.size)]
+        # an empty share still runs a (zero-loss) pass: FSDP gathers weights in every pass
+        batch = _to(collate(mine, pad), device) if mine else placeholder_batch(pad, device)
+        count += trained_tokens([batch])
+        total += float(lm_loss(model, batch))
     model.train()
+    total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
@@ -132,37 +171,89 @@ def run_training(
     """Train ``cfg`` end to end and write its run folder; returns the headline numbers.
 
     ``resume``: a run folder to continue from its newest good checkpoint (``cfg`` may differ from
-    the run's only in ``pesocli.train.resume.RESUME_SAFE_KEYS``).
+    the run's only in ``pesocli.train.resume.RESUME_SAFE_KEYS``). In a process ``torchrun`` started,
+    this joins the others (:func:`pesocli.train.distributed.session`) and rank 0's config and
+    resume decision hold for all.
     """
+    with distributed.session(cfg.train) as world:
+        return _train(cfg, world, dry_run=dry_run, reporter=reporter, resume=resume)
+
+
+def _settle(
+    cfg: RunConfig, world: World, resume: Path | None, dry_run: bool
+) -> tuple[RunConfig, ResumePoint | None]:
+    """Rank 0 decides which run this is (config, resume point); every process takes its decision."""
+    distributed.settle_world_size(cfg, world, warn if world.is_main else _silent)
+
+    def decide() -> ResumePoint | None:
+        if resume is not None:
+            point = require_resume_point(Path(resume))
+            check_config_unchanged(point.state["config"], cfg, Path(resume))
+            return point
+        if not dry_run:
+            check_free(cfg)  # fail before loading anything
+        return None
+
+    point = world.on_main(decide)
+    if not world.active:
+        return cfg, point
+    mine = {"config": config_to_dict(cfg)}
+    if point is not None:
+        mine["point"] = {"folder": str(point.folder), "step": point.step, "finished": point.finished}
+    decided = world.broadcast_json(mine if world.is_main else None)
+    if world.is_main:
+        return cfg, point
+    where = decided.get("point")
+    if where is not None:
+        folder = Path(where["folder"])
+        point = ResumePoint(folder, read_state_json(folder), int(where["step"]), bool(where["finished"]))
+    return config_from_dict(decided["config"], "rank 0's config"), point
+
+
+def _load_backbone(cfg: RunConfig, device: torch.device, world: World):
+    """The backbone on ``device``; with ``train.fsdp`` read on the CPU and sharded over the processes."""
+    if not cfg.train.fsdp:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+        return prepare_model(model, cfg.model), tokenizer
+    model_cfg = cfg.model
+    if model_cfg.dtype == "auto" and device.type == "cuda":
+        model_cfg = dataclasses.replace(model_cfg, dtype="bf16")  # what auto means on the GPU
+    model, tokenizer = load_model_and_tokenizer(model_cfg, "cpu")  # each process reads it once, then shards
+    prepare_model(model, cfg.model)
+    distributed.shard_backbone(model, world)
+    return model, tokenizer
+
+
+def _train(
+    cfg: RunConfig, world: World, *, dry_run: bool, reporter: Reporter | None, resume: Path | None
+) -> TrainResult:
     started = time.perf_counter()
-    point: ResumePoint | None = None
-    if resume is not None:
-        point = require_resume_point(Path(resume))
-        check_config_unchanged(point.state["config"], cfg, Path(resume))
-        if point.finished:
-            return _already_finished(cfg, point, reporter)
-    elif not dry_run:
-        check_free(cfg)  # fail before loading anything
+    cfg, point = _settle(cfg, world, resume, dry_run)
+    say = warn if world.is_main else _silent
+    if not world.is_main:
+        reporter = Reporter(0, quiet=True)
+    if point is not None and point.finished:
+        return _already_finished(cfg, point, reporter)
     unsupported = quant_support_error(cfg.method_name, method_class(cfg.method_name), cfg.model.quant)
     if unsupported:
         raise ConfigError(unsupported)
+    distributed.check_supported(cfg, method_class(cfg.method_name), world)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
-    prepare_model(model, cfg.model)
+    model, tokenizer = _load_backbone(cfg, device, world)
     bundle = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    steps_per_epoch = max(
-        1, math.ceil(num_batches(len(bundle.train), cfg.train.batch_size) / cfg.train.grad_accum)
-    )
+    global_batch = cfg.train.batch_size * world.size
+    steps_per_epoch = max(1, math.ceil(num_batches(len(bundle.train), global_batch) / cfg.train.grad_accum))
     steps = total_steps(cfg, steps_per_epoch)
     reporter = reporter or Reporter(steps, quiet=cfg.train.quiet)
     if dry_run:
-        print_dry_run(cfg, bundle, tokenizer, reporter)
+        if world.is_main:
+            print_dry_run(cfg, bundle, tokenizer, reporter)
         return TrainResult(None, math.nan, math.nan, 0, 0, time.perf_counter() - started)
 
     method = build_method(cfg.method, cfg.method_name)
     method.setup(total_steps=steps, steps_per_epoch=steps_per_epoch)
-    torch.manual_seed(cfg.train.seed)  # adapter init independent of how the model was built
+    torch.manual_seed(cfg.train.seed)  # adapters: independent of the model build; same on every rank
     engine = Engine(model, method, cfg.fullgrad)
     check_ranks(engine, cfg.method.rank)
     model.train()
@@ -175,22 +266,36 @@ def run_training(
         weight_decay=o.weight_decay,
     )
     scheduler = build_scheduler(optimizer, total_steps=steps, warmup_ratio=o.warmup_ratio, kind=o.scheduler)
-    stream = BatchStream(bundle, cfg.train.batch_size, cfg.train.seed, device)
+    stream = BatchStream(
+        bundle, cfg.train.batch_size, cfg.train.seed, device, rank=world.rank, world_size=world.size
+    )
     data_stats = {k: getattr(bundle.stats, k) for k in ("records", "examples", "tokens", "trained_tokens")}
     trainer = TrainerState(
         cfg, engine, optimizer, scheduler, stream, Watchdog(cfg.train), RunCounters(), steps, data_stats
     )
-    start_step = trainer.load(point) if point is not None else 0
+    start_step = 0
+    if point is not None:
+        _check_same_batches(point, stream)
+        start_step = trainer.load(point)
+        distributed.restore_rank_rng(point.state, point.folder, world)
     guard = contextlib.ExitStack()  # signals wait for the end of a step from here on
     signals = guard.enter_context(StopSignals())
     try:
-        run = RunFolder.reopen(cfg, start_step) if point is not None else RunFolder.create(cfg)
+        opened = world.on_main(
+            lambda: RunFolder.reopen(cfg, start_step) if point is not None else RunFolder.create(cfg)
+        )
     except BaseException:
         guard.close()
         raise
+    run = opened if world.is_main else PeerRunFolder(cfg.run_dir)
     counters, watchdog = trainer.counters, trainer.watchdog
     prior_seconds = counters.wall_seconds  # training time of earlier sessions of this run
     reporter.note(f"peso train {cfg.method_name} on {cfg.model.name}: {bundle.stats.summary()}")
+    if world.active:
+        reporter.note(
+            f"{world.size} processes{' (FSDP2)' if cfg.train.fsdp else ''}: global batch "
+            f"{world.size} x {cfg.train.batch_size} x {cfg.train.grad_accum} sequences per step"
+        )
     reporter.note(
         f"{len(engine.layers)} adapted layers, "
         f"{sum(p.numel() for p in engine.trainable_parameters()):,} trainable parameters, "
@@ -200,11 +305,17 @@ def run_training(
         reporter.note(f"resuming at step {start_step} from {point.folder}")
 
     def checkpoint(step: int, mark: Mark | None = None) -> Path:
+        """Every process calls this; rank 0 writes (with every rank's RNG) while the others wait."""
         mark = mark or trainer.mark()
         mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
-        folder = trainer.save(run.checkpoint_dir(step), step, mark)
-        run.commit_checkpoint(step, cfg.checkpoint.keep_last)
-        return folder
+        mark = distributed.gather_rng(mark, world)
+
+        def write() -> None:
+            trainer.save(run.checkpoint_dir(step), step, mark)
+            run.commit_checkpoint(step, cfg.checkpoint.keep_last)
+
+        world.on_main(write)
+        return run.checkpoint_dir(step)
 
     def stop(step: int, problem: str, mark: Mark, snapshot: Snapshot | None) -> NumericalError:
         """Go back to the state before this step, write it as a checkpoint and say why."""
@@ -225,6 +336,9 @@ def run_training(
             "(--nan-policy skip drops such steps)"
         )
 
+    def fill(batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return batch if batch is not None else stream.placeholder()
+
     restart_steps = [s for s in range(steps) if method.restart_due(s)]
     eval_loss = None
     last_checkpoint = start_step if point is not None else None
@@ -233,19 +347,23 @@ def run_training(
         with guard, reporter:
             for step in range(start_step, steps):
                 mark = trainer.mark()  # the state before this step, should it have to be undone
-                micro = [stream.next() for _ in range(cfg.train.grad_accum)]
+                micro = [stream.next() for _ in range(cfg.train.grad_accum)]  # this process's shares
                 records: list[RestartRecord] = []
                 snapshot = None
                 if method.restart_due(step):
                     restart_batches = micro[: cfg.fullgrad.batches]
                     while len(restart_batches) < cfg.fullgrad.batches:
                         restart_batches.append(stream.next())
+                    (restart_trained,) = world.sum([trained_tokens(restart_batches)])
+                    restart_trained = max(restart_trained, 1.0)
 
-                    def restart_pass(batches_=restart_batches) -> None:
-                        for batch in batches_:
-                            (lm_loss(model, batch) / len(batches_)).backward()
+                    def restart_pass(batches_=restart_batches, trained=restart_trained) -> None:
+                        with world.forked_rng():  # every pass (and rank) leaves the restart's RNG alone
+                            for batch in batches_:
+                                (lm_loss(model, fill(batch)) / trained).backward()
 
-                    records, snapshot = _restart_safely(step, engine, optimizer, restart_pass)
+                    with world.restart_rng(cfg.train.seed, step):
+                        records, snapshot = _restart_safely(step, engine, optimizer, restart_pass, say)
                     if any(r.kind != "kept-old-subspace" for r in records):
                         counters.restarts += 1
                         counters.restart_seconds += engine.last_restart_seconds
@@ -254,13 +372,19 @@ def run_training(
                             [dict(r.to_json(), seconds_total=engine.last_restart_seconds) for r in records]
                         )
 
-                step_loss, step_tokens = 0.0, 0
+                # the step's loss: the mean over the trained tokens of all micro-batches of all
+                # processes, so each process needs the global count before its backward
+                step_trained, step_tokens = world.sum([trained_tokens(micro), input_tokens(micro)])
+                step_loss = 0.0
                 with engine.training_step():
                     for batch in micro:
-                        loss = lm_loss(model, batch) / len(micro)
+                        loss = lm_loss(model, fill(batch)) / max(step_trained, 1.0)
                         loss.backward()
                         step_loss += float(loss.detach())
-                        step_tokens += int(batch["attention_mask"].sum())
+                # one flattened all-reduce: every adapter gradient, the loss and the stop votes
+                votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
+                step_loss, *votes = world.reduce_gradients(engine.trainable_parameters(), [step_loss, *votes])
+                step_tokens = int(step_tokens)
                 counters.tokens += step_tokens
                 window_tokens += step_tokens
 
@@ -278,7 +402,7 @@ def run_training(
                 elif watchdog.reject():
                     raise stop(step, problem, mark, snapshot)
                 else:
-                    warn(f"step {step + 1}: {problem}; update skipped (nan_policy skip)")
+                    say(f"step {step + 1}: {problem}; update skipped (nan_policy skip)")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -303,26 +427,28 @@ def run_training(
                 if problem is None:
                     reporter.step(step, metrics)
                 if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-                    eval_loss = evaluate(model, bundle, cfg.train.batch_size, device)
+                    eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                     run.log_metrics({"step": step + 1, "eval_loss": eval_loss})
                 if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < steps:
                     checkpoint(step + 1)
                     last_checkpoint = step + 1
-                if signals.signum is not None and step + 1 < steps:
+                # several processes stop on the votes of this step's all-reduce, so all after the same step
+                signum = _stop_signal(votes) if world.active else signals.signum
+                if signum is not None and step + 1 < steps:
                     done = last_checkpoint == step + 1
                     folder = run.checkpoint_dir(step + 1) if done else checkpoint(step + 1)
-                    name = signal.Signals(signals.signum).name
+                    name = signal.Signals(signum).name
                     raise Interrupted(
                         f"{name} after step {step + 1} of {steps}: wrote a full checkpoint to {folder}; "
                         f"continue with: peso train --resume {run.path}",
-                        signals.signum,
+                        signum,
                     )
             if bundle.val:
-                eval_loss = evaluate(model, bundle, cfg.train.batch_size, device)
+                eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                 run.log_metrics({"step": steps, "eval_loss": eval_loss})
             final_mark = trainer.mark()
             final_mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
-            trainer.save(run.final, steps, final_mark, final=True)
+            world.on_main(lambda: trainer.save(run.final, steps, final_mark, final=True))
     except BaseException:
         if point is None and last_checkpoint is None and not run.has_checkpoint():
             run.remove()  # a fresh run with nothing resumable: leave nothing half-written behind
@@ -348,7 +474,11 @@ def run_training(
         "tokens": counters.tokens,
         "peak_memory_bytes": peak_memory_bytes(device),
     }
-    run.write_summary(summary)
+    if world.active:
+        summary["processes"] = world.size
+    world.on_main(lambda: run.write_summary(summary))
+    if not world.is_main:
+        return result  # rank 0 exports alone: no timeout applies to it
     rows = [
         ("method", cfg.method_name),
         ("model", cfg.model.name),
@@ -362,9 +492,37 @@ def run_training(
     ]
     if eval_loss is not None:
         rows.insert(4, ("eval loss", f"{eval_loss:.4f}"))
-    rows.extend(export_finished_run(run.path, cfg, device, reporter))
+    if world.active:
+        rows.insert(2, ("processes", f"{world.size}{' (FSDP2)' if cfg.train.fsdp else ''}"))
+    # FSDP: the backbone does not fit one device; the export reloads it on the CPU
+    export_device = torch.device("cpu") if cfg.train.fsdp else device
+    rows.extend(export_finished_run(run.path, cfg, export_device, reporter))
     reporter.summary(rows)
     return result
+
+
+def _silent(message: str) -> None:
+    del message
+
+
+def _stop_signal(votes: list[float]) -> int | None:
+    """The signal some process got during this step (SIGINT wins), from the summed votes."""
+    if votes[0] > 0:
+        return signal.SIGINT
+    if votes[1] > 0:
+        return signal.SIGTERM
+    return None
+
+
+def _check_same_batches(point: ResumePoint, stream: BatchStream) -> None:
+    """A run continues with the global batch it started with (``nproc x batch_size``)."""
+    saved = point.state.get("data", {}).get("batches_per_epoch")
+    if saved is not None and int(saved) != stream.batches_per_epoch:
+        raise ConfigError(
+            f"cannot resume {point.folder}: its global batch (train.nproc x train.batch_size) differs from "
+            f"this run's {stream.world_size} x {stream.batch_size} ({saved} batches per epoch, now "
+            f"{stream.batches_per_epoch}); resume with the processes it was started with"
+        )
 
 
 def export_finished_run(
@@ -392,7 +550,7 @@ def export_finished_run(
 
 
 def _restart_safely(
-    step: int, engine: Engine, optimizer: PesoAdamW, run_pass
+    step: int, engine: Engine, optimizer: PesoAdamW, run_pass, say=warn
 ) -> tuple[list[RestartRecord], Snapshot]:
     """``engine.maybe_restart``; a layer left with non-finite numbers keeps its old subspace.
 
@@ -418,7 +576,7 @@ def _restart_safely(
         )
     for name in bad:
         snapshot.restore_layer(name, engine.layers[name], optimizer)
-    warn(
+    say(
         f"restart before step {step + 1}: {reason} in {len(bad)} of {len(engine.layers)} layers "
         f"(first {bad[0]}); those layers keep their old subspace"
     )

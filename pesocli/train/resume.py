@@ -59,6 +59,8 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "model.trust_remote_code",
     "checkpoint.every",
     "checkpoint.keep_last",
+    "train.dist_timeout",
+    "train.fsdp",
 )
 """Config keys that may differ between a run and its resumption (nothing else may)."""
 
