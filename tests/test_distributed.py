@@ -64,7 +64,14 @@ def _one_process(out: Path, name: str, **overrides) -> Path:
         embedded_config_path(),
         {**COMMON, "train.output_dir": str(out), "train.run_name": name, **overrides},
     )
-    return run_training(cfg).run_dir
+    # one thread like the torchrun workers (_env): a matmul split over 2 threads rounds differently,
+    # and restarts amplify that ~1e-7 into ~1e-5 by the end of the run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_training(cfg).run_dir
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _losses(run: Path) -> dict[int, float]:
