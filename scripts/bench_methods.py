@@ -14,27 +14,39 @@ loop with ``torch.optim.AdamW``.
 Each (method, repeat) runs in its own subprocess; repeats are interleaved (the method order rotates
 every repeat) so that load from other users of a shared machine spreads over all methods.
 
-Measured per run:
-- step time: wall time of the training step proper (forward, backward, method hook, clip, optimizer)
+Measured per run (times on two clocks: ``perf_counter`` wall time and ``process_time`` CPU time;
+``--clock auto`` reports CPU time on CPU, where other users of a shared machine stretch wall time
+but hardly the CPU time of a one-thread process, and wall time on CUDA, synchronised):
+- step time: the training step proper (forward, backward, method hook, clip, optimizer, schedule)
   at every step; ``median_step_s`` is its median after ``--warmup`` steps.
-- restarts: wall time of ``Engine.maybe_restart`` (sketch passes + SVD + alignment), split into the
-  sketch (everything before the method's per-layer work) and SVD + alignment (the methods'
+- restarts: ``Engine.maybe_restart`` (sketch passes + SVD + alignment), split by wall-time share
+  into the sketch (everything but the methods' per-layer work) and SVD + alignment (the
   per-layer ``RestartRecord.seconds``). ``restart_share`` = restart time / total training time.
 - ``amortised_step_s`` = ``median_step_s`` + total restart time / steps: the time per step of a
-  run with restarts, robust to the odd slow step caused by other users of the machine. The target
-  ratios use it.
-- peak memory, restart steps included, above the baseline taken after the model (and the batches)
-  are built and before adapters exist. CPU: the kernel's peak resident set (``VmHWM``), reset
-  after the baseline via ``/proc/self/clear_refs``; glibc is told (``mallopt``) to serve every
-  allocation above 64 KiB by ``mmap`` so freed tensors leave the resident set at once and the
-  peak follows live tensor memory rather than allocator caching. CUDA:
-  ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the baseline.
+  run with restarts, robust to the odd slow step. The target ratios use it. ``late_vs_early``:
+  median step time after the second restart over the median before it, in the same process
+  (what an anchor costs per step, free of between-process noise).
+- peak memory, restart steps included, above a baseline taken after the model and the batches
+  are built and before adapters exist (see :class:`MemoryMeter`). CPU: peak anonymous resident
+  memory (``VmHWM`` reset through ``/proc/self/clear_refs``, minus file-backed pages); glibc is
+  told (``mallopt``) to serve every allocation above 64 KiB by ``mmap`` so freed tensors leave
+  the resident set at once. It includes what adapter setup allocates outside torch
+  (``setup_bytes``: PEFT's module wrappers and lazy imports). CUDA: ``max_memory_allocated``.
+- ``--tensor-memory``: one more, untimed run per method in which the steps from ``K - 2`` to
+  ``K + 2`` (a restart included) run under ``pesocli.memory.measure_peak``: peak live tensor
+  bytes from torch's allocator events (the CPU counterpart of ``max_memory_allocated``), minus
+  the model's weights.
 
-    OMP_NUM_THREADS=1 python scripts/bench_methods.py --model tiny --steps 200 --repeats 3 \\
-        --json docs/figures/bench_methods_tiny.json --plot docs/figures/bench_methods_tiny.png
+    OMP_NUM_THREADS=1 python scripts/bench_methods.py --model tiny --steps 200 --repeats 3 --tensor-memory \\
+        --extra peso-r:fullgrad.power_iters=0 --json docs/figures/bench_methods_tiny.json \\
+        --plot docs/figures/bench_methods_tiny.png
 
 A method may carry config overrides: ``peso-r:fullgrad.power_iters=0`` (comma-separated
-``key=value`` after the colon; a bare key is taken from the ``method`` section).
+``key=value`` after the colon; a bare key is taken from the ``method`` section). Diagnostics:
+``--worker METHOD --profile N --profile-from STEP`` prints a ``torch.profiler`` table of N steps
+of one method; ``--layer-micro`` times one adapted layer with and without an anchor;
+``--paired-peft`` alternates our ``lora`` and PEFT's in one process; ``--from-json FILE``
+re-prints a saved run's tables (and ``--plot``).
 """
 
 from __future__ import annotations
@@ -209,6 +221,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         from peft import LoraConfig, get_peft_model  # imported before the baseline: not the method's memory
     meter = MemoryMeter(device)
     meter.start()
+    weights_bytes = 0
+    if args.tensor_memory:
+        from pesocli.memory import training_state_bytes
+
+        weights_bytes = training_state_bytes(model)
 
     torch.manual_seed(args.seed)
     engine = None
@@ -250,9 +267,12 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     step_s, restart_s, align_s, losses, restart_steps = [], [], [], [], []
     step_cpu_s, restart_cpu_s = [], []
-    profiler = None
     profile_from = args.profile_from if args.profile_from is not None else args.warmup
-    for step in range(args.steps):
+    profiler = None
+
+    def one_step(step: int) -> None:
+        """One optimizer step in ``peso train``'s order, timed (restart and training step apart)."""
+        nonlocal profiler
         if args.profile and step == profile_from:
             from torch.profiler import ProfilerActivity, profile
 
@@ -301,6 +321,18 @@ def run_worker(args: argparse.Namespace) -> dict:
         restart_s.append(seconds_restart)
         restart_cpu_s.append(cpu_restart)
         align_s.append(seconds_align)
+
+    # --tensor-memory: the steps from K - 2 on run one by one under pesocli.memory.measure_peak
+    # (torch.profiler allocator events: live tensor bytes); their timings are not used.
+    window = max(0, args.restart_every - 2) if args.tensor_memory else args.steps
+    tensor_peaks = []
+    for step in range(args.steps):
+        if step >= window:
+            from pesocli.memory import measure_peak
+
+            tensor_peaks.append(measure_peak(lambda s=step: one_step(s), model, optimizer, device).peak_bytes)
+        else:
+            one_step(step)
     peak, peak_rss = meter.peak(), meter.peak_rss()
     anchor_ranks = sorted({layer.anchor.rank for layer in engine.layers.values()}) if engine else []
     return {
@@ -325,6 +357,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         "peak_bytes": peak,
         "peak_rss_bytes": peak_rss,
         "setup_bytes": setup_bytes,
+        "tensor_peak_bytes": max(tensor_peaks) if tensor_peaks else None,
+        "tensor_peaks_from_step": [window, tensor_peaks],
+        "weights_bytes": weights_bytes,
         "baseline_bytes": meter.base,
         "memory_how": meter.how,
         "device": str(device),
@@ -364,7 +399,10 @@ def summarise_run(run: dict, warmup: int, clock: str = "wall") -> dict:
         "restart_share": restart / (train + restart),
         "amortised_step_s": median + restart / run["steps"],
         "segment_median_s": segments,
+        # in-process: step time after the second restart against before it (an anchor's cost shows here)
+        "late_vs_early": statistics.median(segments[1:]) / segments[0] if len(segments) > 1 else 1.0,
         "peak_bytes": run["peak_bytes"],
+        "setup_bytes": run.get("setup_bytes", 0),
     }
 
 
@@ -388,14 +426,17 @@ def print_table(results: dict[str, dict], wall: dict[str, dict] | None = None) -
     peft = results.get(PEFT)
     wall = wall or {}
     head = (
-        f"{'method':<34} {'median s':>9} {'amort. s':>9} {'x lora':>7} {'x peft':>7} {'wall x lora':>11} "
-        f"{'restarts':>8} {'share':>6} {'peak MiB':>9} {'mem x lora':>10} {'mem x peft':>10}"
+        f"{'method':<34} {'median s':>9} {'amort. s':>9} {'spread':>7} {'x lora':>7} {'x peft':>7} "
+        f"{'wall x lora':>11} {'restarts':>8} {'share':>6} {'peak MiB':>9} "
+        f"{'mem x lora':>10} {'mem x peft':>10}"
     )
     lines = [head, "-" * len(head)]
     for spec, r in results.items():
         w, wl = wall.get(spec), wall.get("lora")
+        values = r["amortised_step_s_all"]
+        spread = (max(values) - min(values)) / 2 / r["amortised_step_s"]
         lines.append(
-            f"{spec:<34} {r['median_step_s']:>9.4f} {r['amortised_step_s']:>9.4f} "
+            f"{spec:<34} {r['median_step_s']:>9.4f} {r['amortised_step_s']:>9.4f} {100 * spread:>6.1f}% "
             f"{_ratio(r['amortised_step_s'], lora and lora['amortised_step_s']):>7} "
             f"{_ratio(r['amortised_step_s'], peft and peft['amortised_step_s']):>7} "
             f"{_ratio(w['amortised_step_s'], wl['amortised_step_s']) if w and wl else '-':>11} "
@@ -404,6 +445,36 @@ def print_table(results: dict[str, dict], wall: dict[str, dict] | None = None) -
             f"{_ratio(r['peak_bytes'], peft and peft['peak_bytes']):>10}"
         )
     text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def print_memory_table(results: dict[str, dict], tensor_runs: dict[str, dict]) -> str:
+    """Both memory measures side by side, as ratios against ``lora`` and PEFT's LoRA."""
+
+    def ratios(values: dict[str, float]) -> dict[str, tuple[str, str]]:
+        lora, peft = values.get("lora"), values.get(PEFT)
+        return {k: (_ratio(v, lora), _ratio(v, peft)) for k, v in values.items()}
+
+    anon = {k: r["peak_bytes"] for k, r in results.items()}
+    tensors = {k: t["tensor_peak_bytes"] - t["weights_bytes"] for k, t in tensor_runs.items()}
+    ra, rt = ratios(anon), ratios(tensors)
+    head = (
+        f"{'method':<34} {'anon MiB':>9} {'x lora':>7} {'x peft':>7} {'setup MiB':>9}   "
+        f"{'tensors MiB':>11} {'x lora':>7} {'x peft':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for spec, r in results.items():
+        t = tensors.get(spec)
+        tensor_cols = (
+            f"{t / 2**20:>11.2f} {rt[spec][0]:>7} {rt[spec][1]:>7}" if t is not None else f"{'-':>11}"
+        )
+        lines.append(
+            f"{spec:<34} {anon[spec] / 2**20:>9.2f} {ra[spec][0]:>7} {ra[spec][1]:>7} "
+            f"{r['setup_bytes'] / 2**20:>9.2f}   {tensor_cols}"
+        )
+    text = "\n".join(lines)
+    print()
     print(text)
     return text
 
@@ -422,13 +493,13 @@ def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title
         smooth = [
             statistics.median(steps[max(0, i - window // 2) : i + window // 2 + 1]) for i in range(len(steps))
         ]
-        (line,) = left.plot(range(len(smooth)), [1000 * s for s in smooth], label=spec, lw=1.2)
+        (line,) = left.plot(range(len(smooth)), [1000 * s for s in smooth], label=spec, lw=1.1)
         for step in spec_runs[0]["restart_steps"]:
             left.axvline(step, color=line.get_color(), ls=":", lw=0.8, alpha=0.6)
     left.set_xlabel("step")
-    left.set_ylabel(f"training step, {clock} ms (median of repeats, 9-step running median)")
-    left.set_title("step time (dotted: restarts of that method)")
-    left.legend(fontsize=7)
+    left.set_ylabel(f"training step, {clock} ms")
+    left.set_title("step time: median of repeats, 9-step running median (dotted: restarts)", fontsize=9)
+    left.legend(fontsize=6, ncol=2, loc="upper left", framealpha=0.6)
     names = list(results)
     lora = results.get("lora", {}).get("amortised_step_s")
     base = [results[n]["median_step_s"] / lora for n in names] if lora else []
@@ -451,6 +522,119 @@ def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def layer_micro(args: argparse.Namespace) -> None:
+    """Forward + backward of one adapted layer with a zero and a non-zero low-rank anchor.
+
+    ``AdaptedLinear`` as shipped (anchor and delta are two separate low-rank chains, each with its
+    own output and add) against a prototype that fuses them: one ``x @ [down; lora_A]^T`` and one
+    ``addmm`` into the base output. Same FLOPs; the fused form reads ``x`` once and writes one
+    ``(T, out)`` tensor instead of three. CPU time, one thread, median of ``--micro-reps`` blocks.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from pesocli.layers import AdaptedLinear, LowRankAnchor
+    from pesocli.methods.lora import LoRADelta
+
+    def timed(fn, x) -> float:
+        for _ in range(5):
+            fn(x).sum().backward()
+        blocks = []
+        for _ in range(args.micro_reps):
+            start = time.process_time()
+            for _ in range(20):
+                fn(x).sum().backward()
+            blocks.append((time.process_time() - start) / 20)
+        return 1000 * statistics.median(blocks)
+
+    tokens = args.batch * args.seq
+    shapes = [(96, 96), (176, 96), (768, 768), (2048, 768)]
+    print(f"one layer, T = {tokens} tokens, r = {args.rank}, CPU ms per forward + backward")
+    print(
+        f"{'out x in':>10} {'lora':>8} "
+        + " ".join(f"{'R=' + str(r) + ' now':>10} {'fused':>7}" for r in (16, 48))
+    )
+    for out, inp in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(tokens, inp, requires_grad=True)
+        row = []
+        for rank in (0, 16, 48):
+            base = nn.Linear(inp, out, bias=False).requires_grad_(False)
+            anchor = LowRankAnchor(out, inp)
+            if rank:
+                anchor.absorb(torch.randn(out, rank) * 0.01, torch.randn(rank, inp) * 0.01)
+            layer = AdaptedLinear(base, LoRADelta(out, inp, args.rank, args.alpha / args.rank), anchor)
+            row.append(timed(layer, x))
+            if rank:
+                delta = layer.delta
+
+                def fused(x, base=base, anchor=anchor, delta=delta):
+                    h = F.linear(x, torch.cat([anchor.down, delta.lora_A]))
+                    return torch.addmm(base(x), h, torch.cat([anchor.up, delta.lora_B * delta.scale], 1).T)
+
+                row.append(timed(fused, x))
+        print(
+            f"{out:>5}x{inp:<4} {row[0]:>8.2f} {row[1]:>10.2f} {row[2]:>7.2f} {row[3]:>10.2f} {row[4]:>7.2f}"
+        )
+
+
+def paired_peft(args: argparse.Namespace) -> None:
+    """Our ``lora`` and PEFT's LoRA on two copies of the same model in one process, alternating.
+
+    Between processes the step time of the same method moves by a few percent (load, memory
+    layout); alternating the two in one process cancels that. CPU time of forward + backward and
+    of clip + optimizer step, median over ``--steps`` alternations.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pesocli.config import load_config
+    from pesocli.engine import Engine
+    from pesocli.methods import build_method
+    from pesocli.optim import PesoAdamW
+
+    device = torch.device(args.device)
+    ours, vocab = build_model(args.model, device, torch.float32)
+    theirs, _ = build_model(args.model, device, torch.float32)
+    cfg = load_config(None, {"method.name": "lora", "method.rank": args.rank, "method.alpha": args.alpha})
+    method = build_method(cfg.method, "lora")
+    method.setup(total_steps=args.steps, steps_per_epoch=args.steps)
+    engine = Engine(ours, method, cfg.fullgrad)
+    theirs = get_peft_model(
+        theirs, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=list(TARGETS))
+    )
+    sides = {
+        "lora": (ours, engine.trainable_parameters(), PesoAdamW),
+        PEFT: (theirs, [p for p in theirs.parameters() if p.requires_grad], torch.optim.AdamW),
+    }
+    sides = {k: (m, ps, cls(ps, lr=args.lr, weight_decay=0.0)) for k, (m, ps, cls) in sides.items()}
+    generator = torch.Generator().manual_seed(args.seed)
+    times = {f"{k} {part}": [] for k in sides for part in ("fwd+bwd", "clip+step")}
+    for step in range(args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+        for name, (model, params, optimizer) in sides.items():
+            start = time.process_time()
+            model(input_ids=ids, labels=ids).loss.backward()
+            middle = time.process_time()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            end = time.process_time()
+            if step >= args.warmup:
+                times[f"{name} fwd+bwd"].append(middle - start)
+                times[f"{name} clip+step"].append(end - middle)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model}, batch {args.batch} x {args.seq}, {args.steps} alternations, CPU ms (median)")
+    for part in ("fwd+bwd", "clip+step"):
+        ours_ms, peft_ms = 1000 * med[f"lora {part}"], 1000 * med[f"{PEFT} {part}"]
+        print(f"{part:<10} lora {ours_ms:8.2f}  {PEFT} {peft_ms:8.2f}  ratio {ours_ms / peft_ms:.3f}")
+    total = (med["lora fwd+bwd"] + med["lora clip+step"]) / (
+        med[f"{PEFT} fwd+bwd"] + med[f"{PEFT} clip+step"]
+    )
+    print(f"{'step':<10} ratio lora / {PEFT} {total:.3f}")
 
 
 def code_fingerprint() -> dict:
@@ -476,8 +660,66 @@ def default_methods() -> list[str]:
     return [*METHODS, PEFT]
 
 
+def _rounded(value):
+    """Floats to 6 significant digits, recursively (keeps the JSON of per-step timings small)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def report(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict]],
+    clock: str,
+    seconds: float,
+    code: dict | None = None,
+    tensor_runs: dict[str, dict] | None = None,
+) -> None:
+    """Aggregate, print the table, write JSON and the plot (also used by ``--from-json``)."""
+    by_clock = {
+        c: {spec: aggregate([summarise_run(r, args.warmup, c) for r in rs]) for spec, rs in runs.items()}
+        for c in ("cpu", "wall")
+    }
+    results = by_clock[clock]
+    header = (
+        f"model {args.model}, batch {args.batch} x seq {args.seq}, {args.steps} steps, rank {args.rank}, "
+        f"restart_every {args.restart_every}, device {args.device}, {args.repeats} interleaved repeats "
+        f"(medians), times on the {clock} clock, {seconds:.0f} s"
+    )
+    print()
+    print(header)
+    table = print_table(results, by_clock["wall"])
+    if tensor_runs:
+        table += "\n\n" + print_memory_table(results, tensor_runs)
+    if args.json:
+        payload = {
+            "args": vars(args),
+            "clock": clock,
+            "header": header,
+            "table": table,
+            "results": results,
+            "results_by_clock": by_clock,
+            "runs": runs,
+            "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+            "code": code or code_fingerprint(),
+            "tensor_runs": tensor_runs or {},
+        }
+        Path(args.json).write_text(json.dumps(_rounded(payload), separators=(",", ":"), default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        title = (
+            f"{args.model}: batch {args.batch} x {args.seq}, {args.steps} steps, r={args.rank}, "
+            f"K={args.restart_every}, {args.device}, {args.repeats} repeats, {clock} clock"
+        )
+        plot(results, runs, args.plot, title, clock)
+
+
 def run_driver(args: argparse.Namespace) -> None:
-    specs = args.methods or default_methods()
+    specs = (args.methods or default_methods()) + [e for e in args.extra if e not in (args.methods or [])]
     clock = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
     passthrough = [
         "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -510,40 +752,24 @@ def run_driver(args: argparse.Namespace) -> None:
                     f"load {load:.2f}",
                     flush=True,
                 )
+        tensor_runs = {}
+        if args.tensor_memory:
+            memory_args = [*passthrough, "--tensor-memory"]
+            memory_args[memory_args.index("--steps") + 1] = str(args.restart_every + 3)
+            for spec in specs:
+                out = Path(tmp) / "memory.json"
+                cmd = [sys.executable, __file__, "--worker", spec, "--worker-out", str(out), *memory_args]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"[{spec}] memory run failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                run = json.loads(out.read_text())
+                tensor_runs[spec] = {
+                    k: run[k] for k in ("tensor_peak_bytes", "weights_bytes", "restart_steps")
+                }
+                print(f"tensor memory {spec:<34} {run['tensor_peak_bytes'] / 2**20:.2f} MiB", flush=True)
     runs = {k: v for k, v in runs.items() if v}
-    by_clock = {
-        c: {spec: aggregate([summarise_run(r, args.warmup, c) for r in rs]) for spec, rs in runs.items()}
-        for c in ("cpu", "wall")
-    }
-    results = by_clock[clock]
-    header = (
-        f"model {args.model}, batch {args.batch} x seq {args.seq}, {args.steps} steps, rank {args.rank}, "
-        f"restart_every {args.restart_every}, device {args.device}, {args.repeats} interleaved repeats "
-        f"(medians), times on the {clock} clock, {time.time() - started:.0f} s"
-    )
-    print()
-    print(header)
-    table = print_table(results, by_clock["wall"])
-    if args.json:
-        payload = {
-            "args": vars(args),
-            "clock": clock,
-            "header": header,
-            "table": table,
-            "results": results,
-            "results_by_clock": by_clock,
-            "runs": runs,
-            "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
-            "code": code_fingerprint(),
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
-        print(f"wrote {args.json}")
-    if args.plot:
-        title = (
-            f"{args.model}: batch {args.batch} x {args.seq}, {args.steps} steps, r={args.rank}, "
-            f"K={args.restart_every}, {args.device}, {args.repeats} repeats, {clock} clock"
-        )
-        plot(results, runs, args.plot, title, clock)
+    report(args, runs, clock, time.time() - started, tensor_runs=tensor_runs)
 
 
 def main() -> None:
@@ -555,6 +781,12 @@ def main() -> None:
         nargs="+",
         default=None,
         help=f"method specs (default: every registered method and {PEFT})",
+    )
+    parser.add_argument(
+        "--extra",
+        nargs="+",
+        default=[],
+        help="more specs after --methods (or the default list), e.g. variants",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="backbone dtype: auto (bf16 on CUDA), bf16, fp32")
@@ -585,12 +817,47 @@ def main() -> None:
         "--profile-from", type=int, default=None, help="first profiled step (default: --warmup)"
     )
     parser.add_argument("--profile-rows", type=int, default=25, help="rows of the profile table")
+    parser.add_argument(
+        "--layer-micro",
+        action="store_true",
+        help="time one adapted layer with and without an anchor, and exit",
+    )
+    parser.add_argument("--micro-reps", type=int, default=15)
+    parser.add_argument(
+        "--paired-peft",
+        action="store_true",
+        help="our lora and PEFT's LoRA alternating in one process, and exit",
+    )
+    parser.add_argument(
+        "--tensor-memory",
+        action="store_true",
+        help="also measure peak live tensor bytes (pesocli.memory.measure_peak) around the restart at "
+        "--restart-every, in one extra untimed run per method",
+    )
+    parser.add_argument(
+        "--from-json", default=None, help="re-print the table (and --plot) from a saved --json"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = MODEL_DEFAULTS[args.model]
     args.batch = args.batch or defaults["batch"]
     args.seq = args.seq or defaults["seq"]
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key, value in saved["args"].items():
+            if key not in ("json", "plot", "from_json"):
+                setattr(args, key, value)
+        code = saved.get("code")
+        report(args, saved["runs"], saved.get("clock", "cpu"), 0.0, code, saved.get("tensor_runs"))
+        print(f"(re-reported from {args.from_json}; measured with {code})")
+        return
+    if args.layer_micro:
+        layer_micro(args)
+        return
+    if args.paired_peft:
+        paired_peft(args)
+        return
     if args.worker:
         result = run_worker(args)
         text = json.dumps(result, default=str)

@@ -6,7 +6,8 @@ shipped arithmetic data, 300 steps, batch 16, lr 1e-2, ``K = 100``) trained by
 shipped ``arith_eval.jsonl`` (200 records, disjoint from training) as validation data. Reported:
 final eval loss (token-weighted, from the trainer) and, when ``pesocli.evaluate`` is available,
 greedy exact match of the ``#### answer`` on the same eval set (``peso eval``'s ``exact-match``).
-``alpha`` stays 16 at every rank (scale ``alpha / r``), as the paper's Table 8 does.
+``alpha`` stays 16 at every rank (scale ``alpha / r``), as the paper's Table 8 does; with
+``--alpha-per-rank S`` it is ``S * r`` instead (the same scale ``S`` at every rank).
 
     OMP_NUM_THREADS=1 python scripts/quality_rank.py --json docs/figures/quality_rank.json \\
         --plot docs/figures/quality_rank.png
@@ -121,6 +122,13 @@ def main() -> None:
         help="METHOD@RANK entries (default: lora@8 peso-r@2 peso-r@4 peso-r@8)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="exact-match generation length")
+    parser.add_argument(
+        "--alpha-per-rank",
+        type=float,
+        default=None,
+        help="alpha = this x rank (default: the YAML's alpha 16 at every rank)",
+    )
+    parser.add_argument("--eval-every", type=int, default=50, help="eval loss every N steps (for the curves)")
     parser.add_argument("--no-exact-match", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
@@ -142,7 +150,10 @@ def main() -> None:
                     "train.quiet": True,
                     "data.val_split": 0.0,
                     "data.val_path": str(default_eval_data()),
+                    "train.eval_every": args.eval_every,
                 }
+                if args.alpha_per_rank is not None:
+                    overrides["method.alpha"] = args.alpha_per_rank * int(rank)
                 if args.steps is not None:
                     overrides["train.max_steps"] = args.steps
                 cfg = load_config(embedded_config_path(), overrides)
@@ -191,7 +202,8 @@ def main() -> None:
         )
     table = "\n".join(lines)
     steps = rows[0]["steps"] if rows else 0
-    header = f"embedded default, {steps} steps, seeds {args.seeds}, {time.time() - started:.0f} s"
+    alpha = "alpha 16" if args.alpha_per_rank is None else f"alpha {args.alpha_per_rank:g} x r"
+    header = f"embedded default, {steps} steps, {alpha}, seeds {args.seeds}, {time.time() - started:.0f} s"
     print()
     print(header)
     print(table)
