@@ -32,7 +32,7 @@ from pesocli.linalg import principal_angles_deg
 from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
 from pesocli.methods.lora import LoRA
 from pesocli.methods.rac_lora import OneSidedDelta
-from pesocli.methods.schedule import restart_due
+from pesocli.methods.schedule import restart_due, schedule_errors
 
 
 @dataclass(kw_only=True)
@@ -54,12 +54,7 @@ class GaLoreConfig(MethodConfig):
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.restart_every is not None and self.restart_every < 1:
-            errors.append(f"method.restart_every (K) must be >= 1 (got {self.restart_every})")
-        if self.restarts_per_epoch is not None and self.restarts_per_epoch < 1:
-            errors.append(f"method.restarts_per_epoch must be >= 1 (got {self.restarts_per_epoch})")
-        if self.restart_every is None and self.restarts_per_epoch is None:
-            errors.append("method.restart_every or method.restarts_per_epoch must be set")
+        errors += schedule_errors(self.restart_every, self.restarts_per_epoch)
         if self.galore_scale <= 0:
             errors.append(f"method.galore_scale must be > 0 (got {self.galore_scale})")
         if self.proj_side not in ("auto", "left", "right"):

@@ -45,7 +45,7 @@ from pesocli.linalg import balanced_split, orthonormal_basis, principal_angles_d
 from pesocli.methods.base import RestartContext, RestartRecord
 from pesocli.methods.lora import LoRA, LoRADelta
 from pesocli.methods.lora_one import LoRAOneConfig, lora_one_factors, negated_top_r
-from pesocli.methods.schedule import restart_due
+from pesocli.methods.schedule import restart_due, schedule_errors
 
 
 @dataclass(kw_only=True)
@@ -75,12 +75,7 @@ class PesoRConfig(LoRAOneConfig):
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.restart_every is not None and self.restart_every < 1:
-            errors.append(f"method.restart_every (K) must be >= 1 (got {self.restart_every})")
-        if self.restarts_per_epoch is not None and self.restarts_per_epoch < 1:
-            errors.append(f"method.restarts_per_epoch must be >= 1 (got {self.restarts_per_epoch})")
-        if self.restart_every is None and self.restarts_per_epoch is None:
-            errors.append("method.restart_every or method.restarts_per_epoch must be set")
+        errors += schedule_errors(self.restart_every, self.restarts_per_epoch)
         for key in ("tau1", "tau2"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 errors.append(f"method.{key} must be in [0, 1] (got {getattr(self, key)})")

@@ -32,7 +32,7 @@ from torch import nn
 from pesocli.linalg import low_rank_svd, principal_angles_deg
 from pesocli.methods.base import MethodConfig, RestartContext, RestartRecord
 from pesocli.methods.lora import LoRA, LoRADelta
-from pesocli.methods.schedule import restart_due
+from pesocli.methods.schedule import restart_due, schedule_errors
 
 FACTORS = ("lora_A", "lora_B")
 
@@ -93,12 +93,7 @@ class RacLoRAConfig(MethodConfig):
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.restart_every is not None and self.restart_every < 1:
-            errors.append(f"method.restart_every (K) must be >= 1 (got {self.restart_every})")
-        if self.restarts_per_epoch is not None and self.restarts_per_epoch < 1:
-            errors.append(f"method.restarts_per_epoch must be >= 1 (got {self.restarts_per_epoch})")
-        if self.restart_every is None and self.restarts_per_epoch is None:
-            errors.append("method.restart_every or method.restarts_per_epoch must be set")
+        errors += schedule_errors(self.restart_every, self.restarts_per_epoch)
         if self.frozen not in ("random", *FACTORS):
             errors.append(f"method.frozen must be random, lora_A or lora_B (got {self.frozen!r})")
         return errors

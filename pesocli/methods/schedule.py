@@ -29,3 +29,15 @@ def restart_due(step: int, *, every: int | None, per_epoch: int | None, steps_pe
         first = -(-epoch_start // every) * every  # first multiple of K in this epoch
         return (step - first) // every < per_epoch
     return False
+
+
+def schedule_errors(every: int | None, per_epoch: int | None) -> list[str]:
+    """One message per bad schedule field (``method.restart_every``, ``method.restarts_per_epoch``)."""
+    errors = []
+    if every is not None and every < 1:
+        errors.append(f"method.restart_every (K) must be >= 1 (got {every})")
+    if per_epoch is not None and per_epoch < 1:
+        errors.append(f"method.restarts_per_epoch must be >= 1 (got {per_epoch})")
+    if every is None and per_epoch is None:
+        errors.append("method.restart_every or method.restarts_per_epoch must be set")
+    return errors
