@@ -9,6 +9,15 @@ micro-batches: one pass for ``Y = G Omega``, ``2 q`` passes of power iteration, 
 for ``B = Q^T G``; it keeps ``Q (out, k)`` and ``B (k, in)`` per layer, ``k = r + p``, so memory
 is ``O((out + in) k)`` per layer and no ``out x in`` tensor is ever allocated.
 
+Single pass (``fullgrad.single_pass``, on by default): when the restart's ``G`` comes from one
+micro-batch in one process, a layer's backward holds all of ``G = grad_out^T x`` (as its two
+factors) at once, so the whole range finder, power iterations included, runs inside that one
+backward (:class:`_RangeFinderProbe`): the same products in the same order with the same test
+matrix, so the same ``Q`` and ``B`` as ``2 q + 2`` passes, for the cost of one forward and
+backward. With several micro-batches or processes the power iterations need the summed
+products between passes, so the multi-pass path runs (also when a layer turns out to be called
+more than once in the pass, e.g. a shared module).
+
 The ``exact`` mode forms the dense ``G`` of one layer at a time (one pass per layer): the
 reference the tests compare against, usable on small models.
 
@@ -44,6 +53,9 @@ class FullGradConfig:
     """Number of training micro-batches the full gradient is averaged over."""
     seed: int = 1234
     """Seed of the random test matrix (same on every rank)."""
+    single_pass: bool = True
+    """Run the whole range finder inside one backward when ``batches`` is 1 in one process
+    (same result as ``2 q + 2`` passes, a restart then costs one forward + backward)."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -148,6 +160,44 @@ class _ProductProbe:
             self.acc.addmm_(g2.T, x2)
 
 
+class _RangeFinderProbe:
+    """The whole range finder on one micro-batch's ``G = grad_out^T x``, inside its backward.
+
+    Same products, order and test matrix as the multi-pass path (:func:`_sketch`), so the same
+    ``Q (out, k)`` and ``G^T Q (in, k)``; temporaries are ``O(tokens k + (out + in) k)``.
+    ``calls`` counts the layer's backward visits: more than one means the products of several
+    visits would have to be summed first, and the caller falls back to the multi-pass path.
+    """
+
+    def __init__(self, test: torch.Tensor, power_iters: int) -> None:
+        self.test = test
+        self.power_iters = power_iters
+        self.calls = 0
+        self.basis: torch.Tensor | None = None
+        self.coefficients_t: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            return
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        basis = _orthonormalize(g2.T @ (x2 @ self.test))  # orth(G Omega)
+        for _ in range(self.power_iters):
+            row_basis = _orthonormalize(x2.T @ (g2 @ basis))  # orth(G^T Q)
+            basis = _orthonormalize(g2.T @ (x2 @ row_basis))  # orth(G P)
+        self.basis = basis
+        self.coefficients_t = x2.T @ (g2 @ basis)  # G^T Q = (Q^T G)^T
+
+
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
     """Sum one pass's products over the processes: one flattened all-reduce (a no-op in one process).
 
@@ -166,8 +216,11 @@ def _orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _pass(
-    layers: dict[str, AdaptedLinear], probes: dict[str, _ProductProbe], run_pass: Callable[[], None]
+    layers: dict[str, AdaptedLinear],
+    probes: dict[str, _ProductProbe | _RangeFinderProbe],
+    run_pass: Callable[[], None],
 ) -> dict[str, torch.Tensor]:
+    """Run ``run_pass`` with ``probes`` attached; the summed products of the ``_ProductProbe`` s."""
     for name, probe in probes.items():
         layers[name].probe = probe
     try:
@@ -175,7 +228,7 @@ def _pass(
     finally:
         for name in probes:
             layers[name].probe = None
-    results = {name: probe.acc for name, probe in probes.items()}
+    results = {name: probe.acc for name, probe in probes.items() if isinstance(probe, _ProductProbe)}
     _all_reduce(list(results.values()))
     return results
 
@@ -208,8 +261,9 @@ def estimate_full_gradients(
     """Estimate every layer's full gradient from ``run_pass``.
 
     ``run_pass()`` must run forward and backward over the restart micro-batches (the loss it
-    backpropagates defines ``G``); it is called ``2 q + 2`` times (sketch) or once per layer
-    (exact). The adapters' ``.grad`` are restored afterwards, untouched.
+    backpropagates defines ``G``); it is called once (sketch, ``single_pass`` with one
+    micro-batch in one process), ``2 q + 2`` times (sketch otherwise) or once per layer (exact). The adapters'
+    ``.grad`` are restored afterwards, untouched.
     """
     with _GradStash(layers) as stash:
 
@@ -264,9 +318,24 @@ def _sketch(
             }
         )
 
+    if config.single_pass and config.batches == 1 and not _distributed():
+        single = _single_pass(layers, one_pass, tests, config.power_iters)
+        if single is not None:
+            return single
     basis = {n: _orthonormalize(y) for n, y in right(tests).items()}
     for _ in range(config.power_iters):
         row_basis = {n: _orthonormalize(z) for n, z in left(basis).items()}
         basis = {n: _orthonormalize(y) for n, y in right(row_basis).items()}
     coefficients = left(basis)  # G^T Q = (Q^T G)^T
     return {n: SketchedGradient(basis[n], coefficients[n].T.contiguous()) for n in layers}
+
+
+def _single_pass(
+    layers: dict[str, AdaptedLinear], one_pass, tests: dict[str, torch.Tensor], power_iters: int
+) -> dict[str, GradientEstimate] | None:
+    """The range finder inside one backward; ``None`` when a layer was visited other than once."""
+    probes = {n: _RangeFinderProbe(t, power_iters) for n, t in tests.items()}
+    one_pass(probes)
+    if any(p.calls != 1 for p in probes.values()):
+        return None
+    return {n: SketchedGradient(p.basis, p.coefficients_t.T.contiguous()) for n, p in probes.items()}

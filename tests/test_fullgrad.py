@@ -91,8 +91,40 @@ def test_power_passes_are_what_make_the_sketch_accurate():
 def test_sketch_calls_run_pass_2q_plus_2_times(power_iters):
     layer, x, c, _ = _decaying_problem()
     counter = _Counter(layer, x, c)
-    estimate_full_gradients({"proj": layer}, counter, RANK, FullGradConfig(power_iters=power_iters))
+    config = FullGradConfig(power_iters=power_iters, single_pass=False)
+    estimate_full_gradients({"proj": layer}, counter, RANK, config)
     assert counter.calls == 2 * power_iters + 2
+
+
+@pytest.mark.parametrize("power_iters", [0, 2])
+def test_single_pass_gives_the_multi_pass_sketch_in_one_pass(power_iters):
+    layer, x, c, _ = _decaying_problem()
+    results = {}
+    for single in (True, False):
+        counter = _Counter(layer, x, c)
+        config = FullGradConfig(power_iters=power_iters, single_pass=single)
+        results[single] = estimate_full_gradients({"proj": layer}, counter, RANK, config)["proj"]
+        assert counter.calls == (1 if single else 2 * power_iters + 2)
+    torch.testing.assert_close(results[True].basis, results[False].basis, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[True].coefficients, results[False].coefficients, atol=1e-5, rtol=1e-5)
+
+
+def test_single_pass_falls_back_when_a_layer_runs_twice_in_a_pass():
+    """A shared module sees two (x, grad_out) per pass: the products must be summed between passes."""
+    layer, x, c, _ = _decaying_problem()
+    x2, c2 = torch.randn_like(x), torch.randn_like(c)
+    calls = []
+
+    def run_pass() -> None:
+        calls.append(1)
+        ((layer(x) * c).sum() + (layer(x2) * c2).sum()).backward()
+
+    estimate = estimate_full_gradients({"proj": layer}, run_pass, RANK, FullGradConfig(power_iters=1))["proj"]
+    assert len(calls) == 1 + 2 * 1 + 2  # the refused single pass, then the multi-pass path
+    multi = FullGradConfig(power_iters=1, single_pass=False)
+    reference = estimate_full_gradients({"proj": layer}, run_pass, RANK, multi)["proj"]
+    torch.testing.assert_close(estimate.basis, reference.basis)
+    torch.testing.assert_close(estimate.coefficients, reference.coefficients)
 
 
 def test_exact_mode_runs_one_pass_per_layer():
