@@ -173,13 +173,38 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.anchor.is_zero:
-            y = y + self.anchor(x).to(y.dtype)
-        delta = self.delta(x).to(y.dtype)
+        delta = self._fused_low_rank(x)
+        if delta is None:
+            if not self.anchor.is_zero:
+                y = y + self.anchor(x).to(y.dtype)
+            delta = self.delta(x)
+        delta = delta.to(y.dtype)
         probe = self.probe
         if probe is not None and torch.is_grad_enabled() and (y.requires_grad or delta.requires_grad):
             return _ProbedSum.apply(y, delta, x, probe)
         return y + delta
+
+    def _fused_low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``anchor(x) + delta(x)`` as one low-rank chain, or ``None`` where that does not apply.
+
+        With a non-zero low-rank anchor and a delta that is a plain pair (``delta.low_rank_pair()``
+        gives ``down (r, in)``, ``up (out, r)``), ``x @ [anchor.down; down]^T @ [anchor.up, up]^T``
+        computes the same sum with two matmuls instead of four and one ``(..., out)`` output
+        instead of two: the separate chains cost 20% over LoRA per 768 x 768 layer at an anchor
+        rank of 16, the fused one 6% (``scripts/bench_methods.py --layer-micro``).
+        """
+        anchor = self.anchor
+        if anchor.is_zero or anchor.mode != "lowrank":
+            return None
+        pair_of = getattr(self.delta, "low_rank_pair", None)
+        pair = pair_of() if pair_of is not None else None
+        if pair is None:
+            return None
+        down, up = pair
+        dtype = anchor.up.dtype
+        stacked_down = torch.cat([anchor.down, down.to(dtype)], dim=0)  # (R + r, in)
+        stacked_up = torch.cat([anchor.up, up.to(dtype)], dim=1)  # (out, R + r)
+        return nn.functional.linear(nn.functional.linear(x.to(dtype), stacked_down), stacked_up)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, anchor_rank={self.anchor.rank}"

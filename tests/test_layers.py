@@ -59,6 +59,44 @@ def test_forward_equals_materialised_weight(anchor_mode, make_delta, bias):
         torch.testing.assert_close(layer(x), _dense_forward(layer, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("trained", [None, "lora_A", "lora_B"], ids=["lora", "rac-A", "rac-B"])
+def test_fused_anchor_and_pair_match_the_separate_chains_in_value_and_gradient(trained):
+    """With a low-rank anchor and a LoRA pair the forward is one stacked chain: same output,
+    same gradients for the trained factors (none for a frozen one) and for the input."""
+    from pesocli.methods.rac_lora import OneSidedDelta
+
+    torch.manual_seed(0)
+    if trained is None:
+        delta = _lora_delta()
+    else:
+        delta = OneSidedDelta(OUT, IN, RANK, scale=2.0, trained=trained)
+        with torch.no_grad():
+            delta.lora_B.normal_()
+    layer = _layer(nn.Linear(IN, OUT, bias=True).requires_grad_(False), delta)
+    assert layer._fused_low_rank(torch.randn(2, IN)) is not None
+    x = torch.randn(4, 5, IN, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    fused = {"x": x.grad.clone(), **{n: p.grad for n, p in delta.named_parameters() if p.grad is not None}}
+    for p in delta.parameters():
+        p.grad = None
+    x.grad = None
+    factors = delta._factors() if trained else (delta.lora_A, delta.lora_B)
+    separate = layer.base(x) + layer.anchor(x) + (x @ factors[0].T) @ factors[1].T * delta.scale
+    separate.pow(2).sum().backward()
+    reference = {"x": x.grad, **{n: p.grad for n, p in delta.named_parameters() if p.grad is not None}}
+    assert set(fused) == set(reference) == ({"x", "lora_A", "lora_B"} if trained is None else {"x", trained})
+    for name in fused:
+        torch.testing.assert_close(fused[name], reference[name], atol=1e-4, rtol=1e-5)
+
+
+def test_dropout_keeps_the_separate_chains():
+    delta = LoRADelta(OUT, IN, RANK, scale=2.0, dropout=0.5)
+    layer = _layer(nn.Linear(IN, OUT), delta)
+    assert layer._fused_low_rank(torch.randn(2, IN)) is None  # training: dropout on the delta only
+    layer.eval()
+    assert layer._fused_low_rank(torch.randn(2, IN)) is not None
+
+
 def test_zero_anchor_and_zero_delta_is_the_base():
     base = nn.Linear(IN, OUT)
     layer = AdaptedLinear(base, LoRADelta(OUT, IN, RANK, scale=2.0), LowRankAnchor(OUT, IN))

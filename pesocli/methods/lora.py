@@ -35,6 +35,14 @@ class LoRADelta(nn.Module):
         x = self.dropout(x.to(self.lora_A.dtype))
         return nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scale
 
+    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(down (r, in), up (out, r))`` with ``up @ down = Delta W``, as autograd sees them, for
+        :class:`~pesocli.layers.AdaptedLinear`'s forward fused with the anchor; ``None`` while
+        dropout is active (the fused chain would apply it to the anchor too)."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        return self.lora_A, self.lora_B * self.scale
+
     def weight(self) -> torch.Tensor:
         """Dense ``Delta W (out, in)`` (tests and export only)."""
         return self.scale * self.lora_B @ self.lora_A

@@ -70,14 +70,22 @@ class OneSidedDelta(LoRADelta):
             raise ValueError(f"trained factor must be lora_A or lora_B, got {which!r}")
         self.trains_lora_A.fill_(1.0 if which == "lora_A" else 0.0)
 
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)`` with the frozen one detached."""
+        if self.trained == "lora_A":
+            return self.lora_A, self.lora_B.detach()
+        return self.lora_A.detach(), self.lora_B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
-        lora_a, lora_b = self.lora_A, self.lora_B
-        if self.trained == "lora_A":
-            lora_b = lora_b.detach()
-        else:
-            lora_a = lora_a.detach()
+        lora_a, lora_b = self._factors()
         return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b) * self.scale
+
+    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if super().low_rank_pair() is None:  # dropout active
+            return None
+        lora_a, lora_b = self._factors()
+        return lora_a, lora_b * self.scale
 
 
 @dataclass(kw_only=True)
