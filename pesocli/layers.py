@@ -152,6 +152,43 @@ class _ProbedSum(torch.autograd.Function):
         return (grad_out if need_y else None), (grad_out if need_delta else None), None, None
 
 
+class _AnchoredPair(torch.autograd.Function):
+    """``x @ [anchor_down; down]^T @ [anchor_up, up]^T``: a frozen anchor and a trained pair in one chain.
+
+    Shapes: ``x (..., in)``, ``anchor_down (R, in)``, ``anchor_up (out, R)``, ``down (r, in)``,
+    ``up (out, r)``; returns ``(..., out)``. Saves what LoRA alone saves (``x`` and the pair's
+    ``x @ down^T``, ``(..., r)``), not the stacked ``(..., R + r)`` intermediate autograd would keep;
+    the anchor gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor_down, anchor_up, down, up):  # noqa: ANN001, ANN205
+        rank = anchor_down.shape[0]
+        hidden = nn.functional.linear(x, torch.cat([anchor_down, down], dim=0))  # (..., R + r)
+        out = nn.functional.linear(hidden, torch.cat([anchor_up, up], dim=1))
+        ctx.save_for_backward(x, hidden[..., rank:].contiguous(), anchor_down, anchor_up, down, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, pair_hidden, anchor_down, anchor_up, down, up = ctx.saved_tensors
+        need_x, _, _, need_down, need_up = ctx.needs_input_grad
+        rank = anchor_down.shape[0]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_down = grad_up = None
+        if need_up:
+            grad_up = g2.T @ pair_hidden.reshape(-1, pair_hidden.shape[-1])  # (out, r)
+        if need_x:
+            back = g2 @ torch.cat([anchor_up, up], dim=1)  # (T, R + r)
+            grad_x = (back @ torch.cat([anchor_down, down], dim=0)).reshape(x.shape)
+            back_pair = back[:, rank:]
+        elif need_down:
+            back_pair = g2 @ up
+        if need_down:
+            grad_down = back_pair.T @ x.reshape(-1, x.shape[-1])  # (r, in)
+        return grad_x, None, None, grad_down, grad_up
+
+
 class AdaptedLinear(nn.Module):
     """A frozen ``base`` linear layer plus an ``anchor`` and the method's trainable ``delta``.
 
@@ -185,13 +222,13 @@ class AdaptedLinear(nn.Module):
         return y + delta
 
     def _fused_low_rank(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``anchor(x) + delta(x)`` as one low-rank chain, or ``None`` where that does not apply.
+        """``anchor(x) + delta(x)`` as one low-rank chain (:class:`_AnchoredPair`), or ``None``.
 
-        With a non-zero low-rank anchor and a delta that is a plain pair (``delta.low_rank_pair()``
-        gives ``down (r, in)``, ``up (out, r)``), ``x @ [anchor.down; down]^T @ [anchor.up, up]^T``
-        computes the same sum with two matmuls instead of four and one ``(..., out)`` output
-        instead of two: the separate chains cost 20% over LoRA per 768 x 768 layer at an anchor
-        rank of 16, the fused one 6% (``scripts/bench_methods.py --layer-micro``).
+        Applies with a non-zero low-rank anchor and a delta that is a plain pair
+        (``delta.low_rank_pair()`` gives ``down (r, in)``, ``up (out, r)``). Two matmuls instead of
+        four and one ``(..., out)`` output instead of two: the separate chains cost 20% over LoRA
+        per 768 x 768 layer at an anchor rank of 16, the fused one ~6%
+        (``scripts/bench_methods.py --layer-micro``).
         """
         anchor = self.anchor
         if anchor.is_zero or anchor.mode != "lowrank":
@@ -202,9 +239,7 @@ class AdaptedLinear(nn.Module):
             return None
         down, up = pair
         dtype = anchor.up.dtype
-        stacked_down = torch.cat([anchor.down, down.to(dtype)], dim=0)  # (R + r, in)
-        stacked_up = torch.cat([anchor.up, up.to(dtype)], dim=1)  # (out, R + r)
-        return nn.functional.linear(nn.functional.linear(x.to(dtype), stacked_down), stacked_up)
+        return _AnchoredPair.apply(x.to(dtype), anchor.down, anchor.up, down.to(dtype), up.to(dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, anchor_rank={self.anchor.rank}"

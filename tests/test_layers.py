@@ -89,6 +89,29 @@ def test_fused_anchor_and_pair_match_the_separate_chains_in_value_and_gradient(t
         torch.testing.assert_close(fused[name], reference[name], atol=1e-4, rtol=1e-5)
 
 
+def test_fused_chain_saves_no_more_activations_than_lora():
+    """An anchor of rank 40 must not add a (tokens, 40) tensor to what backward keeps."""
+
+    def saved_activation_elems(layer: AdaptedLinear) -> int:
+        x = torch.randn(4, 5, IN, requires_grad=True)
+        sizes = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[:-1] == x.shape[:-1] or t.shape[:1] == (x.shape[0] * x.shape[1],):
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum()
+        return sum(sizes)
+
+    plain = AdaptedLinear(nn.Linear(IN, OUT).requires_grad_(False), _lora_delta(), LowRankAnchor(OUT, IN))
+    anchored = AdaptedLinear(nn.Linear(IN, OUT).requires_grad_(False), _lora_delta(), LowRankAnchor(OUT, IN))
+    anchored.anchor.absorb(torch.randn(OUT, 40), torch.randn(40, IN))
+    assert anchored._fused_low_rank(torch.randn(2, IN)) is not None
+    assert saved_activation_elems(anchored) == saved_activation_elems(plain) > 0
+
+
 def test_dropout_keeps_the_separate_chains():
     delta = LoRADelta(OUT, IN, RANK, scale=2.0, dropout=0.5)
     layer = _layer(nn.Linear(IN, OUT), delta)
