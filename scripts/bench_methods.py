@@ -11,8 +11,13 @@ the figures measure the method and not the CLI (no logging, no progress bar, no 
 ``peft-lora`` is the outside baseline: ``peft.get_peft_model`` (r, alpha, targets as ours) and the same
 loop with ``torch.optim.AdamW``.
 
-Each (method, repeat) runs in its own subprocess; repeats are interleaved (the method order rotates
-every repeat) so that load from other users of a shared machine spreads over all methods.
+Timing (``--timing``): ``interleaved`` (default on CPU) runs every method in one process per repeat,
+each on its own copy of the model, step ``s`` of every method before step ``s + 1`` of any, in an order
+that rotates every step; ``processes`` (default on CUDA, where peak memory needs a process per method)
+runs each (method, repeat) in its own subprocess, the method order rotating every repeat. Between
+processes the same method's step time moved by up to 10% on the 2-core VM (memory layout, load from
+other users), which swamps 2% targets; interleaved in one process ``lora`` against PEFT's LoRA stays
+within 0.5%.
 
 Measured per run (times on two clocks: ``perf_counter`` wall time and ``process_time`` CPU time;
 ``--clock auto`` reports CPU time on CPU, where other users of a shared machine stretch wall time
@@ -27,18 +32,17 @@ but hardly the CPU time of a one-thread process, and wall time on CUDA, synchron
   median step time after the second restart over the median before it, in the same process
   (what an anchor costs per step, free of between-process noise).
 - peak memory, restart steps included, above a baseline taken after the model and the batches
-  are built and before adapters exist (see :class:`MemoryMeter`). CPU: peak anonymous resident
-  memory (``VmHWM`` reset through ``/proc/self/clear_refs``, minus file-backed pages); glibc is
-  told (``mallopt``) to serve every allocation above 64 KiB by ``mmap`` so freed tensors leave
-  the resident set at once. It includes what adapter setup allocates outside torch
-  (``setup_bytes``: PEFT's module wrappers and lazy imports). CUDA: ``max_memory_allocated``.
-- ``--tensor-memory``: one more, untimed run per method in which the steps from ``K - 2`` to
-  ``K + 2`` (a restart included) run under ``pesocli.memory.measure_peak``: peak live tensor
-  bytes from torch's allocator events (the CPU counterpart of ``max_memory_allocated``), minus
-  the model's weights.
+  are built and before adapters exist. Primary figure (CPU, on by default): one more, untimed run
+  per method in which the steps from ``K - 2`` to ``K + 2`` (a restart included) run under
+  ``pesocli.memory.measure_peak``: peak live tensor bytes from torch's allocator events (the CPU
+  counterpart of ``max_memory_allocated``), minus the model's weights. With ``--timing processes``
+  also: peak anonymous resident memory of the timed runs (``VmHWM`` reset through
+  ``/proc/self/clear_refs``, minus file-backed pages; see :class:`MemoryMeter`), which includes
+  glibc's caching of freed blocks and what adapter setup allocates outside torch (``setup_bytes``:
+  PEFT's module wrappers). CUDA: ``torch.cuda.max_memory_allocated`` in the timed runs.
 
-    OMP_NUM_THREADS=1 python scripts/bench_methods.py --model tiny --steps 200 --repeats 3 --tensor-memory \\
-        --extra peso-r:fullgrad.power_iters=0 --json docs/figures/bench_methods_tiny.json \\
+    OMP_NUM_THREADS=1 python scripts/bench_methods.py --model tiny --steps 200 --repeats 3 \\
+        --extra peso-r:fullgrad.single_pass=false --json docs/figures/bench_methods_tiny.json \\
         --plot docs/figures/bench_methods_tiny.png
 
 A method may carry config overrides: ``peso-r:fullgrad.power_iters=0`` (comma-separated
@@ -92,13 +96,6 @@ def _libc():
         return None
 
 
-def fix_malloc() -> None:
-    """Serve allocations above 64 KiB by mmap (a fixed threshold) so freed tensors leave the RSS."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-
-
 def trim_malloc() -> None:
     gc.collect()
     libc = _libc()
@@ -119,11 +116,11 @@ class MemoryMeter:
 
     CPU: ``VmHWM`` (peak resident set) is reset to the current RSS at :meth:`start`. It counts
     file-backed pages too, and a method that runs new code (a restart's LAPACK calls) faults in
-    pages of ``libtorch_cpu.so`` that are not memory it allocated. So :meth:`peak` subtracts the
-    growth of ``RssFile`` + ``RssShmem`` from the peak: ``(VmHWM - file_end) - anon_start``, the
-    peak of anonymous memory (tensors, optimizer state, allocator overhead) above the baseline.
-    It is exact when no code page is first touched after the peak, else a slight under-estimate.
-    ``peak_rss`` keeps the uncorrected figure.
+    pages of ``libtorch_cpu.so`` that are not memory it allocated. So :meth:`peak` subtracts
+    ``RssFile`` + ``RssShmem`` at the end: ``(VmHWM - file_end) - anon_start``, the peak of
+    anonymous memory above the baseline (a slight under-estimate when code pages are first touched
+    after the peak). With glibc's default allocator it includes freed blocks glibc keeps for
+    reuse, so it is an upper bound on live memory. ``peak_rss`` keeps the uncorrected figure.
     """
 
     def __init__(self, device) -> None:
@@ -195,30 +192,164 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_worker(args: argparse.Namespace) -> dict:
+class Side:
+    """One method (``spec``) on its own model: its set-up and one timed optimizer step at a time."""
+
+    def __init__(self, args: argparse.Namespace, spec: str, model, device) -> None:
+        import torch
+
+        from pesocli.config import load_config
+        from pesocli.engine import Engine
+        from pesocli.methods import build_method
+        from pesocli.optim import PesoAdamW
+        from pesocli.train.lr import build_scheduler
+
+        self.spec, self.device = spec, device
+        self.name, overrides = parse_spec(spec)
+        torch.manual_seed(args.seed)
+        self.engine = None
+        if self.name == PEFT:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(TARGETS)
+                ),
+            )
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+            )
+            self.config = {"peft": {"r": args.rank, "lora_alpha": args.alpha}}
+            self.max_grad_norm = 1.0
+        else:
+            base = {
+                "method.name": self.name,
+                "method.rank": args.rank,
+                "method.alpha": args.alpha,
+                "optim.lr": args.lr,
+            }
+            cfg = load_config(None, base)
+            if "restart_every" in type(cfg.method).field_names():
+                base["method.restart_every"] = args.restart_every
+            cfg = load_config(None, {**base, **overrides})
+            method = build_method(cfg.method, self.name)
+            method.setup(total_steps=args.steps, steps_per_epoch=args.steps)
+            self.engine = Engine(model, method, cfg.fullgrad)
+            self.params = self.engine.trainable_parameters()
+            o = cfg.optim
+            self.optimizer = PesoAdamW(
+                self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+            )
+            self.config = {"method": cfg.method.__dict__, "fullgrad": cfg.fullgrad.__dict__}
+            self.max_grad_norm = o.max_grad_norm
+        self.model = model
+        self.scheduler = build_scheduler(
+            self.optimizer, total_steps=args.steps, warmup_ratio=0.03, kind="cosine"
+        )
+        self.series: dict[str, list[float]] = {
+            k: [] for k in ("step_s", "restart_s", "step_cpu_s", "restart_cpu_s", "align_s", "losses")
+        }
+        self.restart_steps: list[int] = []
+
+    def loss_of(self, ids):
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def step(self, step: int, ids) -> None:
+        """One optimizer step in ``peso train``'s order, timed (restart and training step apart)."""
+        import torch
+
+        engine, device, series = self.engine, self.device, self.series
+        seconds_restart = seconds_align = cpu_restart = 0.0
+        if engine is not None:
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+
+            def restart_pass(ids_=ids) -> None:
+                self.loss_of(ids_).backward()
+
+            with torch.profiler.record_function("bench::restart"):
+                records = engine.maybe_restart(step, self.optimizer, restart_pass)
+            _sync(device)
+            if records:
+                seconds_restart = time.perf_counter() - start
+                cpu_restart = time.process_time() - cpu_start
+                seconds_align = sum(r.seconds for r in records)
+                self.restart_steps.append(step)
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with torch.profiler.record_function("bench::train_step"):
+            with engine.training_step() if engine is not None else contextlib.nullcontext():
+                loss = self.loss_of(ids)
+                loss.backward()
+            if engine is not None:
+                engine.before_step(self.optimizer, step)
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        series["losses"].append(float(loss.detach()))
+        _sync(device)
+        series["step_s"].append(time.perf_counter() - start)
+        series["step_cpu_s"].append(time.process_time() - cpu_start)
+        series["restart_s"].append(seconds_restart)
+        series["restart_cpu_s"].append(cpu_restart)
+        series["align_s"].append(seconds_align)
+
+    def result(self, args: argparse.Namespace) -> dict:
+        """Per-step timings and set-up facts, in the JSON form the driver aggregates."""
+        import torch
+
+        losses = self.series["losses"]
+        layers = self.engine.layers.values() if self.engine else []
+        return {
+            "spec": self.spec,
+            "method": self.name,
+            "config": self.config,
+            "model": args.model,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "trainable": sum(p.numel() for p in self.params),
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": len(losses),
+            **{k: v for k, v in self.series.items() if k != "losses"},
+            "restart_steps": self.restart_steps,
+            "anchor_ranks_end": sorted({layer.anchor.rank for layer in layers}),
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg": os.getloadavg(),
+        }
+
+
+def _batches(args: argparse.Namespace, vocab: int, device) -> list:
     import torch
 
-    from pesocli.config import load_config
-    from pesocli.engine import Engine
-    from pesocli.methods import build_method
-    from pesocli.models import resolve_dtype
-    from pesocli.optim import PesoAdamW
-    from pesocli.train.lr import build_scheduler
+    generator = torch.Generator().manual_seed(args.seed)
+    return [
+        torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+        for _ in range(args.steps)
+    ]
 
-    fix_malloc()
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """One method in this process: timings, and peak memory above the state before the adapters."""
+    import torch
+
+    from pesocli.models import resolve_dtype
+
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     model, vocab = build_model(args.model, device, dtype)
     model.train()
-    generator = torch.Generator().manual_seed(args.seed)
-    data = [
-        torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
-        for _ in range(args.steps)
-    ]
-    name, overrides = parse_spec(args.worker)
-    if name == PEFT:
-        from peft import LoraConfig, get_peft_model  # imported before the baseline: not the method's memory
+    data = _batches(args, vocab, device)
+    if parse_spec(args.worker)[0] == PEFT:
+        import peft  # noqa: F401 - imported before the baseline: not the method's memory
     meter = MemoryMeter(device)
     meter.start()
     weights_bytes = 0
@@ -226,52 +357,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         from pesocli.memory import training_state_bytes
 
         weights_bytes = training_state_bytes(model)
-
-    torch.manual_seed(args.seed)
-    engine = None
-    if name == PEFT:
-        model = get_peft_model(
-            model,
-            LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(TARGETS)),
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        config = {"peft": {"r": args.rank, "lora_alpha": args.alpha}}
-        max_grad_norm = 1.0
-    else:
-        base = {
-            "method.name": name,
-            "method.rank": args.rank,
-            "method.alpha": args.alpha,
-            "optim.lr": args.lr,
-        }
-        cfg = load_config(None, base)
-        if "restart_every" in type(cfg.method).field_names():
-            base["method.restart_every"] = args.restart_every
-        cfg = load_config(None, {**base, **overrides})
-        method = build_method(cfg.method, name)
-        method.setup(total_steps=args.steps, steps_per_epoch=args.steps)
-        engine = Engine(model, method, cfg.fullgrad)
-        params = engine.trainable_parameters()
-        o = cfg.optim
-        optimizer = PesoAdamW(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-        )
-        config = {"method": cfg.method.__dict__, "fullgrad": cfg.fullgrad.__dict__}
-        max_grad_norm = o.max_grad_norm
-    scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_ratio=0.03, kind="cosine")
+    side = Side(args, args.worker, model, device)
     setup_bytes = meter.peak()  # adapters (and anything their setup allocated), before any step
-
-    def loss_of(ids):
-        return model(input_ids=ids, labels=ids).loss
-
-    step_s, restart_s, align_s, losses, restart_steps = [], [], [], [], []
-    step_cpu_s, restart_cpu_s = [], []
     profile_from = args.profile_from if args.profile_from is not None else args.warmup
     profiler = None
 
     def one_step(step: int) -> None:
-        """One optimizer step in ``peso train``'s order, timed (restart and training step apart)."""
         nonlocal profiler
         if args.profile and step == profile_from:
             from torch.profiler import ProfilerActivity, profile
@@ -279,48 +370,12 @@ def run_worker(args: argparse.Namespace) -> dict:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             profiler = profile(activities=activities)
             profiler.__enter__()
-        ids = data[step]
-        seconds_restart = seconds_align = cpu_restart = 0.0
-        if engine is not None:
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-
-            def restart_pass(ids_=ids) -> None:
-                loss_of(ids_).backward()
-
-            with torch.profiler.record_function("bench::restart"):
-                records = engine.maybe_restart(step, optimizer, restart_pass)
-            _sync(device)
-            if records:
-                seconds_restart = time.perf_counter() - start
-                cpu_restart = time.process_time() - cpu_start
-                seconds_align = sum(r.seconds for r in records)
-                restart_steps.append(step)
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.profiler.record_function("bench::train_step"):
-            with engine.training_step() if engine is not None else contextlib.nullcontext():
-                loss = loss_of(ids)
-                loss.backward()
-            if engine is not None:
-                engine.before_step(optimizer, step)
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        _sync(device)
-        step_s.append(time.perf_counter() - start)
-        step_cpu_s.append(time.process_time() - cpu_start)
+        side.step(step, data[step])
         if profiler is not None and step == profile_from + args.profile - 1:
             profiler.__exit__(None, None, None)
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
-            print(f"profile of steps {profile_from}..{step} ({name}):\n{table}", file=sys.stderr)
+            print(f"profile of steps {profile_from}..{step} ({side.name}):\n{table}", file=sys.stderr)
             profiler = None
-        restart_s.append(seconds_restart)
-        restart_cpu_s.append(cpu_restart)
-        align_s.append(seconds_align)
 
     # --tensor-memory: the steps from K - 2 on run one by one under pesocli.memory.measure_peak
     # (torch.profiler allocator events: live tensor bytes); their timings are not used.
@@ -330,44 +385,52 @@ def run_worker(args: argparse.Namespace) -> dict:
         if step >= window:
             from pesocli.memory import measure_peak
 
-            tensor_peaks.append(measure_peak(lambda s=step: one_step(s), model, optimizer, device).peak_bytes)
+            peak_of = measure_peak(lambda s=step: one_step(s), side.model, side.optimizer, device)
+            tensor_peaks.append(peak_of.peak_bytes)
         else:
             one_step(step)
-    peak, peak_rss = meter.peak(), meter.peak_rss()
-    anchor_ranks = sorted({layer.anchor.rank for layer in engine.layers.values()}) if engine else []
     return {
-        "spec": args.worker,
-        "method": name,
-        "config": config,
-        "model": args.model,
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in params),
-        "batch": args.batch,
-        "seq": args.seq,
-        "steps": args.steps,
-        "step_s": step_s,
-        "restart_s": restart_s,
-        "step_cpu_s": step_cpu_s,
-        "restart_cpu_s": restart_cpu_s,
-        "align_s": align_s,
-        "restart_steps": restart_steps,
-        "anchor_ranks_end": anchor_ranks,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "peak_bytes": peak,
-        "peak_rss_bytes": peak_rss,
+        **side.result(args),
+        "peak_bytes": meter.peak(),
+        "peak_rss_bytes": meter.peak_rss(),
         "setup_bytes": setup_bytes,
         "tensor_peak_bytes": max(tensor_peaks) if tensor_peaks else None,
         "tensor_peaks_from_step": [window, tensor_peaks],
         "weights_bytes": weights_bytes,
         "baseline_bytes": meter.base,
         "memory_how": meter.how,
-        "device": str(device),
         "dtype": str(dtype),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg": os.getloadavg(),
     }
+
+
+def run_interleaved_worker(args: argparse.Namespace, specs: list[str], first: int) -> dict[str, dict]:
+    """Every spec in this one process, each on its own copy of the model, their steps interleaved.
+
+    Step ``s`` of every method runs before step ``s + 1`` of any, in an order that rotates every
+    step (starting at ``first``), so slow phases of a shared machine and the process's own memory
+    layout fall on all methods alike: the ratios are far steadier than between processes
+    (``lora`` against itself moved 10% between processes on the 2-core VM). No memory figures.
+    """
+    import torch
+
+    from pesocli.models import resolve_dtype
+
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    sides = []
+    vocab = 0
+    for spec in specs:
+        torch.manual_seed(args.seed)
+        model, vocab = build_model(args.model, device, dtype)
+        model.train()
+        sides.append(Side(args, spec, model, device))
+    data = _batches(args, vocab, device)
+    for step in range(args.steps):
+        at = (first + step) % len(sides)
+        for side in sides[at:] + sides[:at]:
+            side.step(step, data[step])
+    zero = {"peak_bytes": 0, "peak_rss_bytes": 0, "setup_bytes": 0, "dtype": str(dtype)}
+    return {side.spec: {**side.result(args), **zero} for side in sides}
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -421,14 +484,13 @@ def _ratio(a: float, b: float | None) -> str:
 
 
 def print_table(results: dict[str, dict], wall: dict[str, dict] | None = None) -> str:
-    """Ratios of amortised step time and peak memory against ``lora`` and PEFT's LoRA."""
+    """Ratios of amortised step time against ``lora`` and PEFT's LoRA, with the restart share."""
     lora = results.get("lora")
     peft = results.get(PEFT)
     wall = wall or {}
     head = (
         f"{'method':<34} {'median s':>9} {'amort. s':>9} {'spread':>7} {'x lora':>7} {'x peft':>7} "
-        f"{'wall x lora':>11} {'restarts':>8} {'share':>6} {'peak MiB':>9} "
-        f"{'mem x lora':>10} {'mem x peft':>10}"
+        f"{'wall x lora':>11} {'restarts':>8} {'share':>6} {'late/early':>10}"
     )
     lines = [head, "-" * len(head)]
     for spec, r in results.items():
@@ -440,46 +502,63 @@ def print_table(results: dict[str, dict], wall: dict[str, dict] | None = None) -
             f"{_ratio(r['amortised_step_s'], lora and lora['amortised_step_s']):>7} "
             f"{_ratio(r['amortised_step_s'], peft and peft['amortised_step_s']):>7} "
             f"{_ratio(w['amortised_step_s'], wl['amortised_step_s']) if w and wl else '-':>11} "
-            f"{r['restarts']:>8.0f} {100 * r['restart_share']:>5.1f}% {r['peak_bytes'] / 2**20:>9.1f} "
-            f"{_ratio(r['peak_bytes'], lora and lora['peak_bytes']):>10} "
-            f"{_ratio(r['peak_bytes'], peft and peft['peak_bytes']):>10}"
+            f"{r['restarts']:>8.0f} {100 * r['restart_share']:>5.1f}% {r['late_vs_early']:>10.3f}"
         )
     text = "\n".join(lines)
     print(text)
     return text
 
 
-def print_memory_table(results: dict[str, dict], tensor_runs: dict[str, dict]) -> str:
-    """Both memory measures side by side, as ratios against ``lora`` and PEFT's LoRA."""
+def memory_figures(results: dict[str, dict], tensor_runs: dict[str, dict] | None) -> dict[str, float]:
+    """The primary memory figure per method: live tensor bytes above the weights when measured
+    (``--tensor-memory``), else the timing runs' peak (CUDA allocator, or anonymous RSS on CPU)."""
+    if tensor_runs:
+        return {k: t["tensor_peak_bytes"] - t["weights_bytes"] for k, t in tensor_runs.items()}
+    return {k: r["peak_bytes"] for k, r in results.items()}
+
+
+def print_memory_table(results: dict[str, dict], tensor_runs: dict[str, dict] | None) -> str:
+    """Peak memory as ratios against ``lora`` and PEFT's LoRA: live tensor bytes (when measured)
+    and the timing runs' own peak (anonymous RSS on CPU, which includes allocator caching and
+    Python objects; ``max_memory_allocated`` on CUDA)."""
 
     def ratios(values: dict[str, float]) -> dict[str, tuple[str, str]]:
         lora, peft = values.get("lora"), values.get(PEFT)
         return {k: (_ratio(v, lora), _ratio(v, peft)) for k, v in values.items()}
 
     anon = {k: r["peak_bytes"] for k, r in results.items()}
-    tensors = {k: t["tensor_peak_bytes"] - t["weights_bytes"] for k, t in tensor_runs.items()}
+    tensors = memory_figures(results, tensor_runs) if tensor_runs else {}
     ra, rt = ratios(anon), ratios(tensors)
     head = (
-        f"{'method':<34} {'anon MiB':>9} {'x lora':>7} {'x peft':>7} {'setup MiB':>9}   "
-        f"{'tensors MiB':>11} {'x lora':>7} {'x peft':>7}"
+        f"{'method':<34} {'tensors MiB':>11} {'x lora':>7} {'x peft':>7}   "
+        f"{'run peak MiB':>12} {'x lora':>7} {'x peft':>7} {'setup MiB':>9}"
     )
     lines = [head, "-" * len(head)]
     for spec, r in results.items():
         t = tensors.get(spec)
         tensor_cols = (
-            f"{t / 2**20:>11.2f} {rt[spec][0]:>7} {rt[spec][1]:>7}" if t is not None else f"{'-':>11}"
+            f"{t / 2**20:>11.2f} {rt[spec][0]:>7} {rt[spec][1]:>7}" if t is not None else f"{'-':>27}"
         )
-        lines.append(
-            f"{spec:<34} {anon[spec] / 2**20:>9.2f} {ra[spec][0]:>7} {ra[spec][1]:>7} "
-            f"{r['setup_bytes'] / 2**20:>9.2f}   {tensor_cols}"
+        run_cols = (
+            f"{anon[spec] / 2**20:>12.2f} {ra[spec][0]:>7} {ra[spec][1]:>7} {r['setup_bytes'] / 2**20:>9.2f}"
+            if any(anon.values())
+            else f"{'-':>12} (not measured with --timing interleaved)"
         )
+        lines.append(f"{spec:<34} {tensor_cols}   {run_cols}")
     text = "\n".join(lines)
     print()
     print(text)
     return text
 
 
-def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title: str, clock: str) -> None:
+def plot(
+    results: dict[str, dict],
+    runs: dict[str, list[dict]],
+    path: str,
+    title: str,
+    clock: str,
+    tensor_runs: dict[str, dict] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,6 +580,7 @@ def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title
     left.set_title("step time: median of repeats, 9-step running median (dotted: restarts)", fontsize=9)
     left.legend(fontsize=6, ncol=2, loc="upper left", framealpha=0.6)
     names = list(results)
+    memory = memory_figures(results, tensor_runs)
     lora = results.get("lora", {}).get("amortised_step_s")
     base = [results[n]["median_step_s"] / lora for n in names] if lora else []
     extra = (
@@ -512,8 +592,9 @@ def plot(results: dict[str, dict], runs: dict[str, list[dict]], path: str, title
         right.bar(xs, extra, bottom=base, label="restarts (amortised)")
         right.axhline(1.02, color="k", ls="--", lw=0.8, label="1.02 x lora (target)")
         for x, n in zip(xs, names, strict=True):
-            mem = results[n]["peak_bytes"] / results["lora"]["peak_bytes"]
-            right.text(x, base[x] + extra[x] + 0.01, f"mem {mem:.2f}x", ha="center", fontsize=7)
+            if n in memory and "lora" in memory:
+                mem = memory[n] / memory["lora"]
+                right.text(x, base[x] + extra[x] + 0.01, f"mem {mem:.3f}x", ha="center", fontsize=7)
         right.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
         right.set_ylabel(f"amortised step time ({clock}) / lora")
         right.set_title("time per step relative to lora (labels: peak memory / lora)")
@@ -693,8 +774,7 @@ def report(
     print()
     print(header)
     table = print_table(results, by_clock["wall"])
-    if tensor_runs:
-        table += "\n\n" + print_memory_table(results, tensor_runs)
+    table += "\n\n" + print_memory_table(results, tensor_runs)
     if args.json:
         payload = {
             "args": vars(args),
@@ -715,10 +795,14 @@ def report(
             f"{args.model}: batch {args.batch} x {args.seq}, {args.steps} steps, r={args.rank}, "
             f"K={args.restart_every}, {args.device}, {args.repeats} repeats, {clock} clock"
         )
-        plot(results, runs, args.plot, title, clock)
+        plot(results, runs, args.plot, title, clock, tensor_runs)
 
 
 def run_driver(args: argparse.Namespace) -> None:
+    if args.tensor_memory is None:
+        args.tensor_memory = not args.device.startswith("cuda")
+    if args.timing is None:
+        args.timing = "processes" if args.device.startswith("cuda") else "interleaved"
     specs = (args.methods or default_methods()) + [e for e in args.extra if e not in (args.methods or [])]
     clock = args.clock if args.clock != "auto" else ("wall" if args.device.startswith("cuda") else "cpu")
     passthrough = [
@@ -730,7 +814,27 @@ def run_driver(args: argparse.Namespace) -> None:
     runs: dict[str, list[dict]] = {spec: [] for spec in specs}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if args.timing == "interleaved" else 0):
+            out = Path(tmp) / "runs.json"
+            cmd = [
+                sys.executable, __file__, "--interleaved-worker", *specs, "--first", str(rep),
+                "--worker-out", str(out), *passthrough,
+            ]  # fmt: skip
+            load = os.getloadavg()[0]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"[interleaved repeat {rep}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            for spec, run in json.loads(out.read_text()).items():
+                run["loadavg_before"] = load
+                runs[spec].append(run)
+                s = summarise_run(run, args.warmup, clock)
+                print(
+                    f"repeat {rep} {spec:<34} median {s['median_step_s']:.4f} s {clock}  "
+                    f"restarts {s['restarts']} ({s['restart_total_s']:.2f} s)  load {load:.2f}",
+                    flush=True,
+                )
+        for rep in range(args.repeats if args.timing == "processes" else 0):
             order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
             for spec in order:
                 out = Path(tmp) / "run.json"
@@ -765,7 +869,8 @@ def run_driver(args: argparse.Namespace) -> None:
                     continue
                 run = json.loads(out.read_text())
                 tensor_runs[spec] = {
-                    k: run[k] for k in ("tensor_peak_bytes", "weights_bytes", "restart_steps")
+                    k: run[k]
+                    for k in ("tensor_peak_bytes", "weights_bytes", "restart_steps", "tensor_peaks_from_step")
                 }
                 print(f"tensor memory {spec:<34} {run['tensor_peak_bytes'] / 2**20:.2f} MiB", flush=True)
     runs = {k: v for k, v in runs.items() if v}
@@ -830,14 +935,25 @@ def main() -> None:
     )
     parser.add_argument(
         "--tensor-memory",
-        action="store_true",
-        help="also measure peak live tensor bytes (pesocli.memory.measure_peak) around the restart at "
-        "--restart-every, in one extra untimed run per method",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure peak live tensor bytes (pesocli.memory.measure_peak) around the restart at "
+        "--restart-every, in one extra untimed run per method (default: on for CPU)",
     )
     parser.add_argument(
         "--from-json", default=None, help="re-print the table (and --plot) from a saved --json"
     )
+    parser.add_argument(
+        "--timing",
+        choices=("interleaved", "processes"),
+        default=None,
+        help="interleaved: every method in one process per repeat, steps alternating (steady ratios; "
+        "default on CPU); processes: one process per method and repeat (needed for CUDA peak memory; "
+        "default on CUDA)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", nargs="+", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = MODEL_DEFAULTS[args.model]
@@ -857,6 +973,10 @@ def main() -> None:
         return
     if args.paired_peft:
         paired_peft(args)
+        return
+    if args.interleaved_worker:
+        results = run_interleaved_worker(args, args.interleaved_worker, args.first)
+        Path(args.worker_out).write_text(json.dumps(results, default=str))
         return
     if args.worker:
         result = run_worker(args)

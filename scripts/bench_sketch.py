@@ -7,8 +7,8 @@ plus a noise floor. Three paths compute its top-r singular triplets:
 
 - ``sketch``: ``pesocli.fullgrad.estimate_full_gradients`` itself, on a stand-in layer whose
   ``run_pass`` hands the probes ``(x, grad_out)`` exactly as a layer's backward does
-  (``G Omega = grad_out^T (x Omega)``, ``G^T Q = x^T (grad_out Q)``): ``2 q + 2`` passes, then the
-  small SVD of ``B = Q^T G``. It never forms ``G``.
+  (``G Omega = grad_out^T (x Omega)``, ``G^T Q = x^T (grad_out Q)``): its ``2 q + 2`` products
+  (in one pass: ``fullgrad.single_pass``), then the small SVD of ``B = Q^T G``. It never forms ``G``.
 - ``dense``: form ``G`` (FP32) and ``torch.linalg.svd`` it (the ``fullgrad.mode=exact`` path).
   On one core of the 2-core VM the whole default sweep takes about 2.5 minutes, 90 s of it the
   4096 x 14336 SVD; ``--exact-max-elems 16777216`` skips the dense SVD above 4096 x 4096 (the
@@ -179,11 +179,13 @@ def run_shape(out: int, inp: int, args: argparse.Namespace) -> list[dict]:
     total = float(ref_s.pow(2).sum())
     optimum = float(ref_s[: args.rank].pow(2).sum()) / total
     tokens = x.shape[0]
+    mo, mi = min(out, tokens), min(inp, tokens)  # QR factors of g^T (out, T) and x^T (in, T)
     rows.append(
         dict(
             path="factored (fp64, reference)",
             seconds=ref_seconds,
-            allocated_bytes=8 * ((out + inp) * tokens + 2 * tokens * tokens + (out + inp) * args.rank),
+            allocated_bytes=8
+            * (mo * (out + tokens) + mi * (inp + tokens) + 2 * mo * mi + (out + inp) * args.rank),
             peak_bytes=mem.bytes,
             angle_u=0.0,
             angle_v=0.0,

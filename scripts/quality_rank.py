@@ -84,7 +84,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 alpha=0.8,
                 label=r["label"] if r["seed"] == rows[0]["seed"] else None,
             )
-    left.set_xlabel("step")
+    for k in {r.get("restart_every") for r in rows} - {None}:
+        last = max(r["steps"] for r in rows)
+        for step in range(k, last, k):
+            left.axvline(step, color="grey", ls=":", lw=0.8)
+    left.set_xlabel("step (dotted: peso-r restarts)")
     left.set_ylabel("eval loss (arith_eval.jsonl)")
     left.set_title("eval loss during training (one line per seed)")
     left.legend(fontsize=8)
@@ -102,6 +106,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 ha="center",
                 fontsize=8,
             )
+    right.margins(y=0.15)
     right.set_xticks(range(len(labels)), labels)
     right.set_ylabel("final eval loss (dots: seeds, bar: mean)")
     right.set_title("final eval loss at equal steps")
@@ -177,6 +182,7 @@ def main() -> None:
                         "eval_loss": result.eval_loss,
                         "exact_match": em,
                         "train_seconds": train_seconds,
+                        "restart_every": getattr(cfg.method, "restart_every", None),
                         "curve": eval_curve(result.run_dir),
                     }
                 )
