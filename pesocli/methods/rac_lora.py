@@ -79,7 +79,7 @@ class OneSidedDelta(LoRADelta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
         lora_a, lora_b = self._factors()
-        return nn.functional.linear(nn.functional.linear(x, lora_a), lora_b * self.scale)
+        return nn.functional.linear(nn.functional.linear(x, lora_a) * self.scale, lora_b)
 
     def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if super().low_rank_pair() is None:  # dropout active
