@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
-from pesocli.fullgrad import FullGradConfig, estimate_full_gradients
-from pesocli.layers import AdaptedLinear, inject_adapters
+from pesocli.fullgrad import FullGradConfig, GradientEstimate, StepSketch, estimate_full_gradients
+from pesocli.layers import AdaptedLinear, GradientProbe, inject_adapters
 from pesocli.methods.base import Method, RestartContext, RestartRecord
 from pesocli.optim import PesoAdamW
 
@@ -35,6 +35,8 @@ class Engine:
             anchor_rank_cap=c.anchor_rank_cap,
         )
         self.last_restart_seconds = 0.0
+        self._pending: tuple[int, dict[str, GradientEstimate]] | None = None
+        """``(step, estimates)``: the full gradient a training step sketched for the restart at ``step``."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.delta.parameters()]
@@ -51,10 +53,14 @@ class Engine:
             return []
         start = time.perf_counter()
         gradients = None
+        pending, self._pending = self._pending, None
         if self.method.needs_full_gradient:
-            gradients = estimate_full_gradients(
-                self.layers, run_pass, self.method.sketch_rank(), self.fullgrad
-            )
+            if pending is not None and pending[0] == step:
+                gradients = pending[1]  # fullgrad.source: previous-step
+            else:
+                gradients = estimate_full_gradients(
+                    self.layers, run_pass, self.method.sketch_rank(), self.fullgrad
+                )
         records = self.method.restart(
             RestartContext(step=step, layers=self.layers, optimizer=optimizer, gradients=gradients)
         )
@@ -62,19 +68,47 @@ class Engine:
         return records
 
     @contextlib.contextmanager
-    def training_step(self) -> Iterator[None]:
-        """Wrap the micro-batches of one optimizer step: attaches the method's step probes, if any."""
+    def training_step(self, step: int | None = None) -> Iterator[None]:
+        """Wrap the micro-batches of optimizer step ``step``: attaches the method's step probes, if any.
+
+        With ``fullgrad.source: previous-step`` and a restart due before step ``step + 1``, it also
+        sketches this step's full gradient for that restart (:class:`~pesocli.fullgrad.StepSketch`).
+        """
+        sketch = None
+        c = self.fullgrad
+        if (
+            step is not None
+            and c.source == "previous-step"
+            and self.method.needs_full_gradient
+            and self.method.restart_due(step + 1)
+        ):
+            sketch = StepSketch(self.layers, self.method.sketch_rank(), c)
         attached = []
         for name, layer in self.layers.items():
-            probe = self.method.step_probe(name, layer)
-            if probe is not None:
-                layer.probe = probe
+            probes = [self.method.step_probe(name, layer), sketch.probes.get(name) if sketch else None]
+            probes = [p for p in probes if p is not None]
+            if probes:
+                layer.probe = probes[0] if len(probes) == 1 else _BothProbes(*probes)
                 attached.append(layer)
         try:
             yield
         finally:
             for layer in attached:
                 layer.probe = None
+        if sketch is not None:
+            estimates = sketch.estimates()
+            self._pending = (step + 1, estimates) if estimates is not None else None
 
     def before_step(self, optimizer: PesoAdamW, step: int) -> None:
         self.method.before_step(self.layers, optimizer, step)
+
+
+class _BothProbes:
+    """Hands a layer's ``(x, grad_out)`` to two probes (a method's step probe and a step sketch)."""
+
+    def __init__(self, first: GradientProbe, second: GradientProbe) -> None:
+        self.first, self.second = first, second
+
+    def observe(self, x, grad_out) -> None:  # noqa: ANN001
+        self.first.observe(x, grad_out)
+        self.second.observe(x, grad_out)

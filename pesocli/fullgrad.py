@@ -18,6 +18,14 @@ backward. With several micro-batches or processes the power iterations need the 
 products between passes, so the multi-pass path runs (also when a layer turns out to be called
 more than once in the pass, e.g. a shared module).
 
+Previous step (``fullgrad.source: previous-step``): the same in-backward range finder rides on the
+backward of the training step just before a restart (:class:`StepSketch`, attached by
+:meth:`pesocli.engine.Engine.training_step`), so a restart costs its SVDs only. Deviation from the
+paper, which takes ``G_k`` at the restart point: this ``G`` is the gradient at the weights before
+that step's optimizer update, on that step's batch (one update older). Where the step cannot
+give it (several micro-batches or processes, a non-finite backward, a restart at step 0 or right
+after a resume) the restart runs its own pass as with ``source: restart``.
+
 The ``exact`` mode forms the dense ``G`` of one layer at a time (one pass per layer): the
 reference the tests compare against, usable on small models.
 
@@ -56,6 +64,10 @@ class FullGradConfig:
     single_pass: bool = True
     """Run the whole range finder inside one backward when ``batches`` is 1 in one process
     (same result as ``2 q + 2`` passes, a restart then costs one forward + backward)."""
+    source: str = "restart"
+    """``restart``: the restart's own forward + backward at the current weights (the paper's
+    ``G_k``). ``previous-step``: reuse the backward of the training step before the restart (``G``
+    one optimizer update older; a restart then costs no forward/backward; sketch mode only)."""
 
     def validate(self) -> list[str]:
         errors = []
@@ -67,6 +79,10 @@ class FullGradConfig:
             errors.append(f"fullgrad.power_iters must be >= 0 (got {self.power_iters})")
         if self.batches < 1:
             errors.append(f"fullgrad.batches must be >= 1 (got {self.batches})")
+        if self.source not in ("restart", "previous-step"):
+            errors.append(f"fullgrad.source must be restart or previous-step (got {self.source!r})")
+        elif self.source == "previous-step" and self.mode != "sketch":
+            errors.append("fullgrad.source: previous-step needs fullgrad.mode: sketch")
         return errors
 
 
@@ -288,19 +304,25 @@ def estimate_full_gradients(
         return _sketch(layers, one_pass, rank, config)
 
 
+def _test_matrices(
+    layers: dict[str, AdaptedLinear], rank: int, config: FullGradConfig
+) -> dict[str, torch.Tensor]:
+    """Gaussian ``Omega (in, r + p)`` per layer, from ``config.seed`` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return {
+        name: torch.randn(
+            layer.in_features, min(rank + config.oversample, layer.out_features, layer.in_features),
+            generator=generator,
+        ).to(layer.anchor.up.device)
+        for name, layer in layers.items()
+    }
+
+
 def _sketch(
     layers: dict[str, AdaptedLinear], one_pass, rank: int, config: FullGradConfig
 ) -> dict[str, GradientEstimate]:
-    generator = torch.Generator().manual_seed(config.seed)
-    width = {
-        name: min(rank + config.oversample, layer.out_features, layer.in_features)
-        for name, layer in layers.items()
-    }
     device = {name: layer.anchor.up.device for name, layer in layers.items()}
-    tests = {
-        name: torch.randn(layer.in_features, width[name], generator=generator).to(device[name])
-        for name, layer in layers.items()
-    }
+    tests = _test_matrices(layers, rank, config)
 
     def right(test: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # G @ test
         return one_pass(
@@ -336,6 +358,35 @@ def _single_pass(
     """The range finder inside one backward; ``None`` when a layer was visited other than once."""
     probes = {n: _RangeFinderProbe(t, power_iters) for n, t in tests.items()}
     one_pass(probes)
+    return _estimates_of(probes)
+
+
+def _estimates_of(probes: dict[str, _RangeFinderProbe]) -> dict[str, GradientEstimate] | None:
     if any(p.calls != 1 for p in probes.values()):
         return None
     return {n: SketchedGradient(p.basis, p.coefficients_t.T.contiguous()) for n, p in probes.items()}
+
+
+class StepSketch:
+    """The in-backward range finder on a training step's backward (``fullgrad.source: previous-step``).
+
+    :attr:`probes` are attached to the layers for that step; :meth:`estimates` then gives the same
+    sketch a restart pass over that step's batch would have given, or ``None`` when the step cannot
+    provide it (a layer seen other than once: several micro-batches or a shared module; non-finite
+    numbers; several processes, where ``G`` is a sum over ranks).
+    """
+
+    def __init__(self, layers: dict[str, AdaptedLinear], rank: int, config: FullGradConfig) -> None:
+        self.usable = not _distributed()
+        tests = _test_matrices(layers, rank, config) if self.usable else {}
+        self.probes = {n: _RangeFinderProbe(t, config.power_iters) for n, t in tests.items()}
+
+    def estimates(self) -> dict[str, GradientEstimate] | None:
+        found = _estimates_of(self.probes) if self.usable else None
+        if found is None:
+            return None
+        finite = all(
+            bool(torch.isfinite(e.basis).all() and torch.isfinite(e.coefficients).all())
+            for e in found.values()
+        )
+        return found if finite else None

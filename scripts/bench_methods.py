@@ -280,7 +280,7 @@ class Side:
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.profiler.record_function("bench::train_step"):
-            with engine.training_step() if engine is not None else contextlib.nullcontext():
+            with engine.training_step(step) if engine is not None else contextlib.nullcontext():
                 loss = self.loss_of(ids)
                 loss.backward()
             if engine is not None:

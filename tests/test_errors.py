@@ -199,11 +199,11 @@ class Poison:
         real_step, real_loss = Engine.training_step, loop.lm_loss
 
         @contextlib.contextmanager
-        def training_step(engine):
+        def training_step(engine, *args, **kwargs):
             self.step += 1
             self.inside = True
             try:
-                with real_step(engine):
+                with real_step(engine, *args, **kwargs):
                     yield
             finally:
                 self.inside = False

@@ -240,3 +240,105 @@ def test_allocation_recorder_catches_the_dense_path():
     shapes, largest = _largest_allocation("exact")
     assert largest >= OUT * IN
     assert any(shape == (OUT, IN) for _, shape in shapes)
+
+
+def _peso_r_engine(model, source: str) -> Engine:
+    from pesocli.methods.peso_r import PesoRConfig
+
+    method = METHODS["peso-r"](PesoRConfig(rank=RANK, alpha=8.0, restart_every=3))
+    method.setup(total_steps=10, steps_per_epoch=10)
+    return Engine(model, method, FullGradConfig(source=source))
+
+
+def test_previous_step_source_sketches_the_step_before_a_restart(make_tiny_model, token_batch):
+    """``fullgrad.source: previous-step``: the training step before the restart carries the range
+    finder; the restart then runs no pass of its own and gets the same sketch a pass would give."""
+    from pesocli.optim import PesoAdamW
+
+    model = make_tiny_model("llama")
+    engine = _peso_r_engine(model, "previous-step")
+
+    def run_pass() -> None:
+        model(token_batch, labels=token_batch).loss.backward()
+
+    with engine.training_step(1):  # no restart before step 2: nothing sketched
+        run_pass()
+    assert engine._pending is None
+    with engine.training_step(2):
+        run_pass()
+    step, sketched = engine._pending
+    assert step == 3 and set(sketched) == set(engine.layers)
+    assert all(layer.probe is None for layer in engine.layers.values())
+    rank = engine.method.sketch_rank()
+    reference = estimate_full_gradients(engine.layers, run_pass, rank, FullGradConfig())
+    for name, estimate in reference.items():
+        torch.testing.assert_close(sketched[name].basis, estimate.basis, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sketched[name].coefficients, estimate.coefficients, atol=1e-6, rtol=1e-4)
+    calls = []
+    records = engine.maybe_restart(3, PesoAdamW(engine.trainable_parameters()), lambda: calls.append(1))
+    assert calls == [] and records and engine._pending is None
+
+
+def test_previous_step_source_falls_back_to_a_restart_pass(make_tiny_model, token_batch):
+    """Two micro-batches in the step (gradient accumulation): the sum is not what one backward
+    sees, so the restart runs its own pass."""
+    from pesocli.optim import PesoAdamW
+
+    model = make_tiny_model("llama")
+    engine = _peso_r_engine(model, "previous-step")
+    with engine.training_step(2):
+        for half in token_batch.chunk(2):
+            model(half, labels=half).loss.backward()
+    assert engine._pending is None
+    calls = []
+
+    def run_pass() -> None:
+        calls.append(1)
+        model(token_batch, labels=token_batch).loss.backward()
+
+    engine.maybe_restart(3, PesoAdamW(engine.trainable_parameters()), run_pass)
+    assert calls == [1]
+
+
+def test_source_is_validated():
+    assert FullGradConfig(source="previous-step").validate() == []
+    assert "fullgrad.source" in " ".join(FullGradConfig(source="later").validate())
+    assert "sketch" in " ".join(FullGradConfig(source="previous-step", mode="exact").validate())
+
+
+def test_trainer_with_previous_step_source_restarts_without_passes(tmp_path, monkeypatch):
+    """The trainer hands its step number to ``training_step``: with ``source: previous-step`` every
+    restart after step 0 takes the sketch of the step before (no restart pass), and training works."""
+    import json
+
+    import pesocli.engine as engine_module
+    from pesocli.config import embedded_config_path, load_config
+    from pesocli.train import run_training
+
+    estimates_calls = []
+    original = engine_module.estimate_full_gradients
+
+    def counting(*args, **kwargs):
+        estimates_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "estimate_full_gradients", counting)
+    overrides = {
+        "method.name": "peso-r",
+        "method.restart_every": 10,
+        "fullgrad.source": "previous-step",
+        "train.max_steps": 40,
+        "train.batch_size": 8,
+        "train.quiet": True,
+        "train.eval_every": 0,
+        "train.export": "none",
+        "train.output_dir": str(tmp_path),
+        "train.run_name": "run",
+    }
+    result = run_training(load_config(embedded_config_path(), overrides))
+    restarts = [json.loads(line) for line in (result.run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in restarts}) == [0, 10, 20, 30]
+    assert estimates_calls == [1]  # only step 0's restart ran a pass: no step precedes it
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]

@@ -376,7 +376,7 @@ def _train(
                 # processes, so each process needs the global count before its backward
                 step_trained, step_tokens = world.sum([trained_tokens(micro), input_tokens(micro)])
                 step_loss = 0.0
-                with engine.training_step():
+                with engine.training_step(step):
                     for batch in micro:
                         loss = lm_loss(model, fill(batch)) / max(step_trained, 1.0)
                         loss.backward()
