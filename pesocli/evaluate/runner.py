@@ -22,7 +22,8 @@ from pesocli.errors import ConfigError
 from pesocli.evaluate.config import DEFAULT_METRICS, EvalConfig
 from pesocli.evaluate.items import EvalData, read_eval_data
 from pesocli.evaluate.metrics import METRIC_FUNCTIONS, EvalContext, MetricResult, check_metric_format
-from pesocli.evaluate.targets import Target, file_sha256, resolve_target, target_hash
+from pesocli.evaluate.targets import Target, resolve_target, target_hash
+from pesocli.hashing import sha256
 
 
 @dataclass
@@ -112,7 +113,7 @@ def run_eval(spec: str, cfg: EvalConfig, console: Console | None = None) -> Eval
             "path": data.path,
             "format": data.format,
             "records": len(data.records),
-            "sha256": file_sha256(Path(data.path)) if Path(data.path).is_file() else None,
+            "sha256": sha256(Path(data.path)) if Path(data.path).is_file() else None,
         },
         # as given, with what "auto"/None resolved to
         "config": {

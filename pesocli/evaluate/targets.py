@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pesocli.errors import ConfigError, ModelError, PesoError
+from pesocli.hashing import sha256
 
 if TYPE_CHECKING:
     from pesocli.evaluate.config import EvalConfig
@@ -151,14 +152,6 @@ def _adapter_base(folder: Path) -> str:
 # Hash: what exactly was evaluated.
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _folder_entries(folder: Path, prefix: str) -> list[str]:
     """``prefix/relative-path:sha256`` for every file of ``folder``.
 
@@ -171,7 +164,7 @@ def _folder_entries(folder: Path, prefix: str) -> list[str]:
         if path.is_symlink() and path.resolve().parent.name == "blobs":
             entries.append(f"{prefix}/{relative}:{path.resolve().name}")
         else:
-            entries.append(f"{prefix}/{relative}:{file_sha256(path)}")
+            entries.append(f"{prefix}/{relative}:{sha256(path)}")
     return entries
 
 
@@ -189,7 +182,7 @@ def target_hash(target: Target) -> str:
         assert target.path is not None and target.state_dir is not None
         for path in (target.path / "config.yaml", target.state_dir / "manifest.json"):
             if path.is_file():
-                entries.append(f"{path.name}:{file_sha256(path)}")
+                entries.append(f"{path.name}:{sha256(path)}")
     else:
         model = Path(target.model) if target.model else None
         if model is not None and model.is_dir():

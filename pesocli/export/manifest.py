@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pesocli import __version__
-from pesocli.train.state import sha256
+from pesocli.hashing import sha256
 
 MANIFEST = "peso_export.json"
 

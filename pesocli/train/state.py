@@ -22,7 +22,6 @@ anywhere.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -35,19 +34,12 @@ from safetensors.torch import load_file, save_file
 
 from pesocli import __version__
 from pesocli.errors import StorageError
+from pesocli.hashing import sha256
 from pesocli.layers import AdaptedLinear
 from pesocli.optim import PesoAdamW
 
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:
