@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from pesocli import errors
 from pesocli.errors import ConfigError, PesoError
+from pesocli.train.runfolder import RunPaths
 
 if TYPE_CHECKING:
     from pesocli.config import RunConfig, TrainConfig
@@ -455,24 +456,8 @@ def restore_rank_rng(state: dict[str, Any], folder: Path, world: World) -> None:
 # ----------------------------------------------------------------------- the run folder elsewhere
 
 
-class PeerRunFolder:
+class PeerRunFolder(RunPaths):
     """The run folder as a rank other than 0 sees it: the same paths; every write is rank 0's."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
-
-    def checkpoint_dir(self, step: int) -> Path:
-        from pesocli.train.runfolder import checkpoint_name
-
-        return self.checkpoints / checkpoint_name(step)
 
     def has_checkpoint(self) -> bool:
         return True  # nothing to clean up here either way

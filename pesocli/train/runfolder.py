@@ -61,11 +61,29 @@ def check_free(cfg: RunConfig) -> None:
         raise ConfigError(f"run folder {path} exists; pass --overwrite, --resume {path} or choose --run-name")
 
 
-class RunFolder:
+class RunPaths:
+    """Where a run folder keeps its checkpoints and final state (shared by every rank's view)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+
+class RunFolder(RunPaths):
     """Owns the files of one run; appends JSONL records and flushes each line."""
 
     def __init__(self, path: Path, *, purge_step: int | None = None) -> None:
-        self.path = path
+        super().__init__(path)
         try:
             self._metrics = open(path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
             self._restarts = open(path / "restarts.jsonl", "a", buffering=1)  # noqa: SIM115
@@ -106,17 +124,6 @@ class RunFolder:
         except OSError as exc:
             raise storage_error(exc, path) from exc
         return cls(path, purge_step=step + 1)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
-
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / checkpoint_name(step)
 
     def has_checkpoint(self) -> bool:
         return bool(list_checkpoints(self.path))
