@@ -86,10 +86,8 @@ def check_path(path: str | Path, base: str | Path | None = None) -> list[str]:
         return report.problems()
     manifest_path = root / MANIFEST
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as exc:
-            report.add(manifest_path, f"not valid JSON ({exc})")
+        manifest = _read_json(manifest_path, report)
+        if manifest is _INVALID:
             return report.problems()
         check_hashes(root, manifest, report)
         parts = manifest.get("parts", {})
@@ -108,6 +106,18 @@ def check_path(path: str | Path, base: str | Path | None = None) -> list[str]:
     else:
         report.add(root, f"neither an adapter folder ({ADAPTER_CONFIG}) nor a model folder (config.json)")
     return report.problems()
+
+
+_INVALID = object()
+
+
+def _read_json(path: Path, report: Report) -> Any:
+    """The parsed JSON of ``path``, or ``_INVALID`` after reporting that it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        report.add(path, f"not valid JSON ({exc})")
+        return _INVALID
 
 
 # ----------------------------------------------------------------------------------- manifest
@@ -134,10 +144,8 @@ def check_adapter(folder: Path, base: str | Path | None, report: Report) -> None
     if not config_path.is_file():
         report.add(folder, f"no {ADAPTER_CONFIG}")
         return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        report.add(config_path, f"not valid JSON ({exc})")
+    config = _read_json(config_path, report)
+    if config is _INVALID:
         return
     if not isinstance(config, dict):
         report.add(config_path, "must be a JSON object")
@@ -326,10 +334,8 @@ def check_model_folder(folder: Path, report: Report) -> None:
     if not config_path.is_file():
         report.add(folder, "no config.json")
         return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        report.add(config_path, f"not valid JSON ({exc})")
+    config = _read_json(config_path, report)
+    if config is _INVALID:
         return
     if "quantization_config" in config:
         report.add(config_path, "leftover quantization_config: vLLM would load the weights as quantised")
