@@ -125,7 +125,7 @@ def _read_json(path: Path, report: Report) -> Any:
 
 def check_hashes(root: Path, manifest: dict[str, Any], report: Report) -> None:
     """Every file listed in the manifest exists and has its recorded sha256."""
-    from pesocli.export.manifest import sha256
+    from pesocli.hashing import sha256
 
     for rel, digest in manifest.get("files", {}).items():
         path = root / rel
