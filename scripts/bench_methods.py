@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -68,6 +66,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from proc_memory import peak_anon_bytes, reset_peak, status_kib
 
 PEFT = "peft-lora"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,28 +87,6 @@ MODEL_DEFAULTS = {"tiny": {"batch": 16, "seq": 128}, "100m": {"batch": 2, "seq":
 
 
 # ------------------------------------------------------------------------------------- memory
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_malloc() -> None:
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 class MemoryMeter:
@@ -138,22 +116,19 @@ class MemoryMeter:
             self.torch.cuda.reset_peak_memory_stats(self.device)
             self.base = self.torch.cuda.memory_allocated(self.device)
             return
-        trim_malloc()
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset VmHWM to the current RSS
-        self.base = _status_kib("RssAnon") * 1024
-        self.base_rss = _status_kib("VmHWM") * 1024
+        reset_peak()
+        self.base = status_kib("RssAnon") * 1024
+        self.base_rss = status_kib("VmHWM") * 1024
 
     def peak(self) -> int:
         if self.cuda:
             return self.torch.cuda.max_memory_allocated(self.device) - self.base
-        file_pages = (_status_kib("RssFile") + _status_kib("RssShmem")) * 1024
-        return _status_kib("VmHWM") * 1024 - file_pages - self.base
+        return peak_anon_bytes() - self.base
 
     def peak_rss(self) -> int:
         if self.cuda:
             return self.peak()
-        return _status_kib("VmHWM") * 1024 - self.base_rss
+        return status_kib("VmHWM") * 1024 - self.base_rss
 
 
 # ------------------------------------------------------------------------------------- worker

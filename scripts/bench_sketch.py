@@ -32,8 +32,6 @@ leaves at once; this includes LAPACK's workspace).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -42,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from proc_memory import libc, peak_anon_bytes, reset_peak, status_kib
 from torch import nn
 
 from pesocli.fullgrad import FullGradConfig, estimate_full_gradients
@@ -60,37 +59,17 @@ SHAPES = [
 # ------------------------------------------------------------------------------------- memory
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _kib(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 class PeakAnon:
     """Peak anonymous resident memory above the level at ``__enter__`` (see the module doc)."""
 
     def __enter__(self) -> PeakAnon:
-        gc.collect()
-        libc = _libc()
-        if libc is not None:
-            libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        self.base = _kib("RssAnon") * 1024
+        reset_peak()
+        self.base = status_kib("RssAnon") * 1024
         self.bytes = 0
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bytes = (_kib("VmHWM") - _kib("RssFile") - _kib("RssShmem")) * 1024 - self.base
+        self.bytes = peak_anon_bytes() - self.base
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -370,9 +349,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed tensors leave the resident set
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed tensors leave the resident set
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
     started = time.time()
