@@ -90,3 +90,19 @@ def make_batch() -> Callable[..., torch.Tensor]:
 @pytest.fixture
 def token_batch() -> torch.Tensor:
     return random_tokens()
+
+
+def _train_embedded(output_dir, overrides: dict, run_name: str = "run"):
+    """Train the embedded default config (quiet) with ``overrides`` into ``output_dir/run_name``."""
+    from pesocli.config import embedded_config_path, load_config
+    from pesocli.train import run_training
+
+    settings = {"train.quiet": True, "train.output_dir": str(output_dir), "train.run_name": run_name}
+    return run_training(load_config(embedded_config_path(), {**settings, **overrides}))
+
+
+@pytest.fixture(scope="session")
+def train_embedded() -> Callable[..., object]:
+    """``train_embedded(output_dir, overrides, run_name="run") -> TrainResult``; session scope, so
+    module-scoped fixtures can use it too."""
+    return _train_embedded

@@ -16,31 +16,18 @@ import torch
 from click.testing import CliRunner
 
 from pesocli.cli import main
-from pesocli.config import embedded_config_path, load_config
 from pesocli.evaluate import answers_match, extract_answer, normalize_answer
 from pesocli.paths import default_eval_data
-from pesocli.train import run_training
 
 LIMIT = 40
 FAST = ["--limit", str(LIMIT), "--max-new-tokens", "20", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, train_embedded) -> Path:
     out = tmp_path_factory.mktemp("eval-runs")
-    cfg = load_config(
-        embedded_config_path(),
-        {
-            "train.max_steps": 120,
-            "method.restart_every": 40,
-            "checkpoint.every": 60,
-            "train.quiet": True,
-            "train.output_dir": str(out),
-            "train.run_name": "peso-r",
-        },
-    )
-    run_training(cfg)
-    return out / "peso-r"
+    overrides = {"train.max_steps": 120, "method.restart_every": 40, "checkpoint.every": 60}
+    return train_embedded(out, overrides, "peso-r").run_dir
 
 
 def _eval(args: list[str]) -> dict:

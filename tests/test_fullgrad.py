@@ -306,15 +306,12 @@ def test_source_is_validated():
     assert "sketch" in " ".join(FullGradConfig(source="previous-step", mode="exact").validate())
 
 
-def test_trainer_with_previous_step_source_restarts_without_passes(tmp_path, monkeypatch):
+def test_trainer_with_previous_step_source_restarts_without_passes(tmp_path, monkeypatch, train_embedded):
     """The trainer hands its step number to ``training_step``: with ``source: previous-step`` every
     restart after step 0 takes the sketch of the step before (no restart pass), and training works."""
     import json
 
     import pesocli.engine as engine_module
-    from pesocli.config import embedded_config_path, load_config
-    from pesocli.train import run_training
-
     estimates_calls = []
     original = engine_module.estimate_full_gradients
 
@@ -329,13 +326,10 @@ def test_trainer_with_previous_step_source_restarts_without_passes(tmp_path, mon
         "fullgrad.source": "previous-step",
         "train.max_steps": 40,
         "train.batch_size": 8,
-        "train.quiet": True,
         "train.eval_every": 0,
         "train.export": "none",
-        "train.output_dir": str(tmp_path),
-        "train.run_name": "run",
     }
-    result = run_training(load_config(embedded_config_path(), overrides))
+    result = train_embedded(tmp_path, overrides)
     restarts = [json.loads(line) for line in (result.run_dir / "restarts.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in restarts}) == [0, 10, 20, 30]
     assert estimates_calls == [1]  # only step 0's restart ran a pass: no step precedes it

@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from pesocli.config import embedded_config_path, load_config
 from pesocli.fullgrad import DenseGradient
 from pesocli.layers import AdaptedLinear, LowRankAnchor, effective_weight
 from pesocli.linalg import principal_angles_deg
@@ -23,7 +22,6 @@ from pesocli.methods.base import RestartContext
 from pesocli.methods.galore import GaLore, GaLoreConfig
 from pesocli.optim import PesoAdamW
 from pesocli.synthetic import SyntheticProblem, run
-from pesocli.train import run_training
 
 R = 3
 SCALE = 0.5
@@ -128,12 +126,10 @@ def test_galore_goes_far_below_lora_on_appendix_a():
     assert run("galore", small)[-1] < 1e-3 * small.a**2  # subspace updates every K = 10 steps
 
 
-def test_trains_the_embedded_default(tmp_path: Path):
-    cfg = load_config(embedded_config_path(), {
+def test_trains_the_embedded_default(tmp_path: Path, train_embedded):
+    result = train_embedded(tmp_path, {
         "method.name": "galore", "method.restart_every": 15, "train.max_steps": 40, "train.batch_size": 16,
-        "train.quiet": True, "train.eval_every": 0, "train.output_dir": str(tmp_path),
-        "train.run_name": "run"})
-    result = run_training(cfg)
+        "train.eval_every": 0})
     assert result.final_loss < 0.8 * result.initial_loss and result.restarts == 3
     import json
 

@@ -15,28 +15,19 @@ import pytest
 from click.testing import CliRunner
 
 from pesocli.cli import main
-from pesocli.config import embedded_config_path, load_config
 from pesocli.inspect import PLOT_FILES, read_run_log, summarize
-from pesocli.train import run_training
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, train_embedded) -> Path:
     out = tmp_path_factory.mktemp("inspect-runs")
-    cfg = load_config(
-        embedded_config_path(),
-        {
-            "train.max_steps": 40,
-            "method.restart_every": 10,
-            "train.log_every": 1,
-            "train.eval_every": 20,
-            "train.quiet": True,
-            "train.output_dir": str(out),
-            "train.run_name": "peso-r",
-        },
-    )
-    run_training(cfg)
-    return out / "peso-r"
+    overrides = {
+        "train.max_steps": 40,
+        "method.restart_every": 10,
+        "train.log_every": 1,
+        "train.eval_every": 20,
+    }
+    return train_embedded(out, overrides, "peso-r").run_dir
 
 
 def _inspect(args: list[str]) -> str:

@@ -15,13 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from pesocli.config import embedded_config_path, load_config
 from pesocli.layers import AdaptedLinear, LowRankAnchor, effective_weight
 from pesocli.methods.base import RestartContext
 from pesocli.methods.rac_lora import OneSidedDelta, RacLoRA, RacLoRAConfig
 from pesocli.optim import PesoAdamW
 from pesocli.synthetic import SyntheticProblem, run
-from pesocli.train import run_training
 
 OUT, IN, R = 13, 9, 3
 ALPHA = 6.0
@@ -124,12 +122,10 @@ def test_rac_lora_goes_below_lora_on_appendix_a():
     assert run("rac-lora", small)[-1] < 0.1 * small.a**2  # links every K = 10 steps
 
 
-def test_trains_the_embedded_default(tmp_path: Path):
-    cfg = load_config(embedded_config_path(), {
+def test_trains_the_embedded_default(tmp_path: Path, train_embedded):
+    result = train_embedded(tmp_path, {
         "method.name": "rac-lora", "train.max_steps": 40, "method.restart_every": 15, "train.batch_size": 16,
-        "train.quiet": True, "train.eval_every": 0, "train.output_dir": str(tmp_path),
-        "train.run_name": "run"})
-    result = run_training(cfg)
+        "train.eval_every": 0})
     assert result.final_loss < 0.8 * result.initial_loss and result.restarts == 3
     lines = (tmp_path / "run" / "restarts.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 14  # one record per layer and link (2 blocks x 7 projections)
