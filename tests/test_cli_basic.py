@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from pesocli import __version__
 from pesocli.cli import main
-from pesocli.cli.common import run_command
+from pesocli.cli.common import report_failure, run_command
 from pesocli.cli.train import CONFIG_FLAGS, CONFIG_OPTIONS
 from pesocli.config import commands_dir
 from pesocli.errors import ModelError
@@ -22,9 +22,12 @@ from pesocli.errors import ModelError
 @pytest.fixture
 def fake_training(monkeypatch: pytest.MonkeyPatch) -> list:
     """Replace ``pesocli.train`` so ``peso train`` only records the config it would run."""
+    from pesocli.train import distributed  # the real one: train asks it whether torchrun started us
+
     calls: list = []
     module = types.ModuleType("pesocli.train")
     module.run_training = lambda cfg, **kwargs: calls.append((cfg, kwargs))  # type: ignore[attr-defined]
+    module.distributed = distributed  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pesocli.train", module)
     return calls
 
@@ -100,6 +103,31 @@ def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("PESO_DEBUG", raising=False)
     assert CliRunner().invoke(stop, []).exit_code == 130
+
+
+def test_report_failure_says_what_run_command_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The failing process of a multi-process run reports through this before it leaves at once."""
+    monkeypatch.delenv("PESO_DEBUG", raising=False)
+    assert report_failure(ModelError("model foo is not here")) == ModelError.exit_code
+    assert capsys.readouterr().err == "error: model foo is not here\n"
+    assert report_failure(KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        assert report_failure(exc) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().endswith("RuntimeError: a bug")
+    assert report_failure(SystemExit(3)) == 3 and report_failure(SystemExit()) == 0
+    assert report_failure(SystemExit("bye")) == 1 and capsys.readouterr().err == "bye\n"
+    monkeypatch.setenv("PESO_DEBUG", "1")
+    try:
+        raise ModelError("model foo is not here")
+    except ModelError as exc:
+        assert report_failure(exc) == ModelError.exit_code
+    assert capsys.readouterr().err.startswith("Traceback")
 
 
 def test_config_error_from_train(fake_training: list, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -294,7 +294,7 @@ def test_a_process_that_dies_ends_the_other_at_once_with_one_line(tmp_path: Path
             *_settings({**COMMON, "train.dist_timeout": 600})]  # fmt: skip
     started = time.monotonic()
     (code0, err0), (code1, err1) = _finish(_start_two(tmp_path, "die", *args), timeout=900)
-    assert code1 == 1 and "injected failure on rank 1" in err1
+    assert code1 == 1 and "injected failure on rank 1" in err1, (code1, err1)
     assert code0 == 1, err0
     assert time.monotonic() - started < 400  # gloo sees the dead peer at once; no 600 s timeout is waited
     lines = err0.strip().splitlines()

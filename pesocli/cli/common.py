@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,18 +41,32 @@ def run_command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except PesoError as exc:
+        except (PesoError, KeyboardInterrupt) as exc:
             if debug_enabled():
                 raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            if debug_enabled():
-                raise
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(report_failure(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def report_failure(exc: BaseException) -> int:
+    """Print what ``peso`` prints when ``exc`` ends a command; return the exit code it ends with.
+
+    A :class:`PesoError` is ``error: <message>`` (its ``exit_code``), Ctrl-C ``interrupted`` (130),
+    both as tracebacks under ``--debug``; anything else is a bug and shows its traceback (1). A
+    ``SystemExit`` prints nothing and keeps its code.
+    """
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        click.echo(str(exc.code), err=True)  # as Python itself does with sys.exit("message")
+        return 1
+    code = exc.exit_code if isinstance(exc, PesoError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+    if debug_enabled() or not isinstance(exc, (PesoError, KeyboardInterrupt)):
+        traceback.print_exception(exc, file=sys.stderr)
+    else:
+        click.echo(f"error: {exc}" if isinstance(exc, PesoError) else "interrupted", err=True)
+    return code
 
 
 class ConfigOption(click.Option):

@@ -11,8 +11,7 @@ from typing import Any
 
 import click
 
-from pesocli.cli.common import config_option, debug_enabled, parse_settings, run_command
-from pesocli.errors import PesoError
+from pesocli.cli.common import config_option, debug_enabled, parse_settings, report_failure, run_command
 
 # (option, config key, click type, help): each named option sets exactly one config key.
 CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
@@ -132,7 +131,11 @@ def train(
             run_training(cfg, dry_run=dry_run, resume=run_dir)
         else:
             run_training(cfg, dry_run=dry_run)
-    except PesoError as exc:
-        if getattr(exc, "reported_by_rank_0", False) and not debug_enabled():
+    except BaseException as exc:
+        reported = getattr(exc, "reported_by_rank_0", False) and not debug_enabled()
+        if distributed.launched_rank() is not None:
+            # one of several processes: say it, then leave without the interpreter's teardown
+            distributed.leave_now(exc.exit_code if reported else report_failure(exc))
+        if reported:
             sys.exit(exc.exit_code)  # every process raised it; rank 0 prints it once
         raise
