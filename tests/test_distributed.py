@@ -302,6 +302,46 @@ def test_a_process_that_dies_ends_the_other_at_once_with_one_line(tmp_path: Path
     assert not (tmp_path / "runs/r").exists()  # a fresh run with nothing to resume leaves nothing
 
 
+LEAVER = textwrap.dedent(
+    """
+    # One process that torchrun could have started (RANK/WORLD_SIZE set, a gloo group of one):
+    # an atexit handler shows whether the interpreter's teardown ran.
+    import atexit, sys
+    import pesocli.train.loop as loop
+    from pesocli.cli import main
+
+    atexit.register(lambda: print("interpreter teardown ran", file=sys.stderr, flush=True))
+    if sys.argv[1] == "fail":
+        def lm_loss(model, batch):
+            raise RuntimeError("injected failure")
+        loop.lm_loss = lm_loss
+    main(["train", *sys.argv[2:]], prog_name="peso")
+    """
+)
+
+
+@pytest.mark.parametrize("outcome", ["finish", "fail"])
+def test_a_process_torchrun_started_ends_without_interpreter_teardown(tmp_path: Path, outcome: str) -> None:
+    """Gloo's threads outlive destroy_process_group and died of SIGABRT in the interpreter's teardown
+    now and then (see ``distributed.leave_now``); such a process must skip it, and still print all."""
+    worker = tmp_path / "leaver.py"
+    worker.write_text(LEAVER)
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))  # fmt: skip
+    args = ["--output-dir", str(tmp_path / "runs"), "--run-name", "r", "--max-steps", "2",
+            *_settings({**COMMON, "train.quiet": False})]  # fmt: skip
+    done = subprocess.run([sys.executable, str(worker), outcome, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "interpreter teardown ran" not in done.stderr
+    if outcome == "finish":
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "step 2/2" in done.stdout + done.stderr  # printed output is flushed before leaving
+        assert (tmp_path / "runs/r/final").is_dir()
+    else:
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert done.stderr.rstrip().endswith("RuntimeError: injected failure")  # the bug's traceback
+
+
 @pytest.mark.slow
 def test_a_process_that_hangs_times_the_other_out(tmp_path: Path) -> None:
     args = ["--batch-size", "4", "--output-dir", str(tmp_path / "runs"), "--run-name", "r",

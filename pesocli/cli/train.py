@@ -126,6 +126,7 @@ def train(
 
     from pesocli.train import run_training
 
+    one_of_several = distributed.launched_rank() is not None  # torchrun or --nproc started us
     try:
         if run_dir is not None:
             run_training(cfg, dry_run=dry_run, resume=run_dir)
@@ -133,9 +134,10 @@ def train(
             run_training(cfg, dry_run=dry_run)
     except BaseException as exc:
         reported = getattr(exc, "reported_by_rank_0", False) and not debug_enabled()
-        if distributed.launched_rank() is not None:
-            # one of several processes: say it, then leave without the interpreter's teardown
+        if one_of_several:  # say it, then leave without the interpreter's teardown (see leave_now)
             distributed.leave_now(exc.exit_code if reported else report_failure(exc))
         if reported:
             sys.exit(exc.exit_code)  # every process raised it; rank 0 prints it once
         raise
+    if one_of_several:
+        distributed.leave_now(0)

@@ -352,15 +352,18 @@ def session(train: TrainConfig) -> Iterator[World]:
 
 
 def leave_now(code: int) -> NoReturn:
-    """End this process of a multi-process run with ``code`` once its error is printed, skipping
-    the interpreter's teardown.
+    """End this process of a multi-process run with ``code`` (its output printed), skipping the
+    interpreter's teardown.
 
-    After a failure the traceback keeps the DDP/FSDP model, and with it the process group, alive
-    until the interpreter finalises; gloo's threads then release tensors that need the GIL of a
-    finalising interpreter, and the process died of SIGABRT ("terminate called without an active
-    exception") instead of exiting with its code, in about 1 of 4 CI runs of a 2-process failure
-    test. Nothing of the run needs that teardown: checkpoints and the run folder are written
-    atomically before this point, the peers see the closed sockets at once.
+    ``dist.destroy_process_group`` only drops torch's own registry entries: the gloo group keeps
+    ~10 references from torch's C++ side and lives, threads and all, into interpreter
+    finalisation. There a process sometimes died of SIGABRT ("terminate called without an active
+    exception", the symptom of a C++ thread touching Python objects of a finalising interpreter;
+    cf. pytorch/pytorch#179291) instead of exiting with its code, after a failure (2 of ~16 CI
+    runs of the 2-process failure test) and after a clean finish alike (1 of ~20 runs of a
+    2-process run under load). Nothing of the run needs that teardown: checkpoints, exports and
+    the run folder are written atomically and closed before this point, the peers have passed
+    the final barrier (or see the closed sockets at once), and stdout/stderr are flushed here.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
