@@ -54,7 +54,7 @@ def report_failure(exc: BaseException) -> int:
 
     A :class:`PesoError` is ``error: <message>`` (its ``exit_code``), Ctrl-C ``interrupted`` (130),
     both as tracebacks under ``--debug``; anything else is a bug and shows its traceback (1). A
-    ``SystemExit`` prints nothing and keeps its code.
+    ``SystemExit`` keeps its code (a text code is printed and exits 1, as Python does).
     """
     if isinstance(exc, SystemExit):
         if exc.code is None or isinstance(exc.code, int):
