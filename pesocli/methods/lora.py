@@ -35,14 +35,15 @@ class LoRADelta(nn.Module):
         # The scale goes on the (..., r) intermediate, not on the (..., out) output as PEFT does: the
         # same product and the same saved tensors, a far smaller elementwise pass each way.
         x = self.dropout(x.to(self.lora_A.dtype))
-        hidden = nn.functional.linear(x, self.lora_A)
+        lora_a, lora_b = self._factors()
+        hidden = nn.functional.linear(x, lora_a)
         if self.scale != 1.0:
             hidden = hidden * self.scale
-        return nn.functional.linear(hidden, self.lora_B)
+        return nn.functional.linear(hidden, lora_b)
 
-    def scaled_lora_B(self) -> torch.Tensor:  # noqa: N802 - PEFT's factor name
-        """``scale * lora_B (out, r)``, as autograd sees it."""
-        return self.lora_B * self.scale if self.scale != 1.0 else self.lora_B
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A (r, in), lora_B (out, r))`` as the forward uses them (subclasses may detach one)."""
+        return self.lora_A, self.lora_B
 
     def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(down (r, in), up (out, r))`` with ``up @ down = Delta W``, as autograd sees them, for
@@ -50,7 +51,8 @@ class LoRADelta(nn.Module):
         dropout is active (the fused chain would apply it to the anchor too)."""
         if self.training and isinstance(self.dropout, nn.Dropout):
             return None
-        return self.lora_A, self.scaled_lora_B()
+        lora_a, lora_b = self._factors()
+        return lora_a, (lora_b * self.scale if self.scale != 1.0 else lora_b)
 
     def weight(self) -> torch.Tensor:
         """Dense ``Delta W (out, in)`` (tests and export only)."""

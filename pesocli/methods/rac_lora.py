@@ -71,21 +71,10 @@ class OneSidedDelta(LoRADelta):
         self.trains_lora_A.fill_(1.0 if which == "lora_A" else 0.0)
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_A, lora_B)`` with the frozen one detached."""
+        """``(lora_A, lora_B)`` with the frozen one detached (the forward and the fused chain use it)."""
         if self.trained == "lora_A":
             return self.lora_A, self.lora_B.detach()
         return self.lora_A.detach(), self.lora_B
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))
-        lora_a, lora_b = self._factors()
-        return nn.functional.linear(nn.functional.linear(x, lora_a) * self.scale, lora_b)
-
-    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if super().low_rank_pair() is None:  # dropout active
-            return None
-        lora_a, lora_b = self._factors()
-        return lora_a, lora_b * self.scale
 
 
 @dataclass(kw_only=True)
