@@ -221,7 +221,7 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
     of *all* processes, so each process's ``G`` is its share of the global ``G`` and the shares add
     up to the 1-process ``G`` exactly.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         from pesocli.train.distributed import all_reduce_sum
 
         all_reduce_sum(tensors)

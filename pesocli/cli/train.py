@@ -133,11 +133,11 @@ def train(
         else:
             run_training(cfg, dry_run=dry_run)
     except BaseException as exc:
-        reported = getattr(exc, "reported_by_rank_0", False) and not debug_enabled()
-        if one_of_several:  # say it, then leave without the interpreter's teardown (see leave_now)
-            distributed.leave_now(exc.exit_code if reported else report_failure(exc))
-        if reported:
-            sys.exit(exc.exit_code)  # every process raised it; rank 0 prints it once
-        raise
+        if not one_of_several:
+            raise  # run_command reports it
+        # Say it (an error every process raised is said by rank 0 alone), then leave without the
+        # interpreter's teardown (see leave_now).
+        said_by_rank_0 = getattr(exc, "reported_by_rank_0", False) and not debug_enabled()
+        distributed.leave_now(exc.exit_code if said_by_rank_0 else report_failure(exc))
     if one_of_several:
         distributed.leave_now(0)

@@ -341,9 +341,9 @@ def session(train: TrainConfig) -> Iterator[World]:
             exc.reported_by_rank_0 = True  # every rank raises it; rank 0 says it (see cli/train.py)
         raise
     else:
-        # Every rank is past its last collective before any tears the group down: without this a
-        # rank that finished first closed its gloo pairs under a peer still reading them, and that
-        # peer died of SIGABRT ("terminate called without an active exception") in ~1 of 4 runs.
+        # Every rank is past its last collective before any tears the group down or leaves
+        # (leave_now): a rank that finished first would close its gloo pairs under a peer still
+        # reading them.
         with contextlib.suppress(Exception):
             dist.barrier()
     finally:
