@@ -27,9 +27,18 @@ class LoRADelta(nn.Module):
         super().__init__()
         self.scale = scale
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank))
+        self.reset_parameters()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's init: ``lora_A`` Kaiming-uniform (``a = sqrt(5)``), ``lora_B`` zero, so ``Delta W = 0``.
+
+        In place (the parameters keep their identity); ``lora_A`` draws from the global torch RNG.
+        """
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale goes on the (..., r) intermediate, not on the (..., out) output as PEFT does: the
