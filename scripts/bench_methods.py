@@ -221,7 +221,8 @@ class Side:
             self.max_grad_norm = o.max_grad_norm
         self.model = model
         self.scheduler = build_scheduler(
-            self.optimizer, total_steps=args.steps, warmup_ratio=0.03, kind="cosine"
+            self.optimizer, total_steps=args.steps, warmup_ratio=0.03, kind="cosine",
+            multiplier=self.engine.method.lr_multiplier if self.engine is not None else None,
         )
         self.series: dict[str, list[float]] = {
             k: [] for k in ("step_s", "restart_s", "step_cpu_s", "restart_cpu_s", "align_s", "losses")

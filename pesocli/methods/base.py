@@ -3,8 +3,9 @@
 A method is the triple (parametrisation ``M_k``, ``UpdateSubspace``, ``Opt``) plus a schedule.
 The trainer knows only this interface: it asks :meth:`Method.build_delta` for each adapted
 layer's trainable module, asks :meth:`Method.restart_due` before every optimizer step, hands
-:meth:`Method.restart` the full-gradient estimates when a restart is due, and calls
-:meth:`Method.before_step` between backward and ``optimizer.step()``.
+:meth:`Method.restart` the full-gradient estimates when a restart is due, calls
+:meth:`Method.before_step` between backward and ``optimizer.step()``, and multiplies
+:meth:`Method.lr_multiplier` into its learning-rate schedule.
 
 Orientation (the one convention inside peso, see ``pesocli/layers.py``): a layer's weight is
 ``(out, in)`` like ``nn.Linear``; the paper's ``A (m x r)`` is ``lora_B (out, r)`` and the
@@ -162,6 +163,15 @@ class Method(ABC):
 
     def before_step(self, layers: dict[str, AdaptedLinear], optimizer: PesoAdamW, step: int) -> None:  # noqa: B027
         """Hook between backward and ``optimizer.step()`` (gradients are in ``.grad``)."""
+
+    def lr_multiplier(self, step: int) -> float:
+        """Factor on the run's learning-rate schedule at optimizer step ``step`` (0-based); 1.0 by default.
+
+        A pure function of ``step`` (and of what :meth:`setup` was told), so a resumed run gets the
+        same learning rates; ``pesocli.train.lr.build_scheduler`` multiplies it in.
+        """
+        del step
+        return 1.0
 
     def lora_factors(self, delta: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The delta as exact LoRA factors ``(lora_A (r, in), lora_B (out, r), scale)`` for export."""

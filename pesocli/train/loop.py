@@ -265,7 +265,8 @@ def _train(
         eps=o.eps,
         weight_decay=o.weight_decay,
     )
-    scheduler = build_scheduler(optimizer, total_steps=steps, warmup_ratio=o.warmup_ratio, kind=o.scheduler)
+    scheduler = build_scheduler(optimizer, total_steps=steps, warmup_ratio=o.warmup_ratio, kind=o.scheduler,
+                                multiplier=method.lr_multiplier)
     stream = BatchStream(
         bundle, cfg.train.batch_size, cfg.train.seed, device, rank=world.rank, world_size=world.size
     )
