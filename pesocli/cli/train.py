@@ -17,7 +17,7 @@ from pesocli.cli.common import config_option, debug_enabled, parse_settings, rep
 CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--model", "model.name", str, "Model: 'tiny', a local folder, a cached Hugging Face id or an alias."),
     ("--method", "method.name", str,
-     "Method: lora, lora-one, peso-r, peso-t, lorsum, lorsum-scaled, rac-lora, galore."),
+     "Method: lora, lora-one, peso-r, peso-t, lorsum, lorsum-scaled, rac-lora, galore, relora."),
     ("--data", "data.path", str, "Training data: a JSONL/JSON file or a folder of them."),
     ("--format", "data.format", str, "Record format: auto, text, alpaca or messages."),
     ("--rank", "method.rank", int, "Adapter rank r."),

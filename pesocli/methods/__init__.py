@@ -14,6 +14,7 @@ from pesocli.methods.lorsum import LorSum, LorSumScaled
 from pesocli.methods.peso_r import PesoR
 from pesocli.methods.peso_t import PesoT
 from pesocli.methods.rac_lora import RacLoRA
+from pesocli.methods.relora import ReLoRA
 
 METHODS: dict[str, type[Method]] = {
     LoRA.name: LoRA,
@@ -24,6 +25,7 @@ METHODS: dict[str, type[Method]] = {
     LorSumScaled.name: LorSumScaled,
     RacLoRA.name: RacLoRA,
     GaLore.name: GaLore,
+    ReLoRA.name: ReLoRA,
 }
 
 
