@@ -22,6 +22,7 @@ from pesocli.optim import PesoAdamW
 STEPS = 8
 OPTIONS: dict[str, dict] = {
     "peso-r": {"restart_every": 3},  # restarts before steps 0, 3 and 6: two aligned restarts
+    "relora": {"restart_every": 3},  # merges and re-draws before steps 3 and 6
 }
 """Method options on top of ``rank=4, alpha=8``; only fields the method's Config has are used."""
 

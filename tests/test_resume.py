@@ -327,7 +327,7 @@ def _method_config(name: str, tmp_path: Path, run_name: str):
     return load_config(embedded_config_path(), overrides)
 
 
-FAST_METHODS = ("galore", "lorsum", "peso-t", "rac-lora")
+FAST_METHODS = ("galore", "lorsum", "peso-t", "rac-lora", "relora")
 """Methods whose resume test runs by default (others are covered above or differ little: ``-m slow``)."""
 
 
