@@ -1,22 +1,28 @@
 """The glue between a model, a method and the full-gradient estimator (Algorithm 1's outer loop).
 
-The trainer (and the Appendix A script) call :meth:`Engine.maybe_restart` before each optimizer
-step and :meth:`Engine.before_step` between backward and ``optimizer.step()``; they never look
-inside the method.
+The trainer calls :meth:`Engine.maybe_restart` before each optimizer step, runs forward + backward
+inside :meth:`Engine.training_step` and updates with :meth:`Engine.update` (the method's hooks around
+gradient clipping, then ``optimizer.step()``), once per group of :meth:`Engine.phases`; it never
+looks inside the method. Scripts and tests without processes or a watchdog take the whole step from
+:meth:`Engine.step`, so no copy of the step order can drift from the trainer's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
+import torch
 from torch import nn
 
 from pesocli.fullgrad import FullGradConfig, GradientEstimate, StepSketch, estimate_full_gradients
 from pesocli.layers import AdaptedLinear, GradientProbe, inject_adapters
 from pesocli.methods.base import Method, RestartContext, RestartRecord
 from pesocli.optim import PesoAdamW
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -99,8 +105,93 @@ class Engine:
             estimates = sketch.estimates()
             self._pending = (step + 1, estimates) if estimates is not None else None
 
-    def before_step(self, optimizer: PesoAdamW, step: int) -> None:
+    def phases(self, step: int) -> list[list[nn.Parameter]]:
+        """The parameter groups step ``step`` updates one after the other, each on gradients of its own pass.
+
+        ``[all trainable]``, or ``[first, rest]`` when the method splits the step
+        (:meth:`~pesocli.methods.base.Method.first_phase`): ``rest`` steps on the gradients of a second
+        forward + backward taken after ``first`` stepped.
+        """
+        params = self.trainable_parameters()
+        first = self.method.first_phase(self.layers, step)
+        if first is None:
+            return [params]
+        chosen = {id(p) for p in first}
+        return [[p for p in params if id(p) in chosen], [p for p in params if id(p) not in chosen]]
+
+    def update(
+        self,
+        optimizer: PesoAdamW,
+        step: int,
+        max_grad_norm: float = 0.0,
+        params: Sequence[nn.Parameter] | None = None,
+    ) -> torch.Tensor | None:
+        """One optimizer update of ``params`` (default: all trainable) from their ``.grad``.
+
+        Drops the other trainable parameters' gradients, then: the method's ``before_step`` (which
+        gradients are used) -> clip to ``max_grad_norm`` (when > 0) -> the method's ``before_update``
+        (reads exactly what AdamW will use) -> ``optimizer.step()``. Returns the norm of the used
+        gradients before clipping (``None`` without clipping).
+        """
+        if params is not None:
+            chosen = {id(p) for p in params}
+            for param in self.trainable_parameters():
+                if id(param) not in chosen:
+                    param.grad = None
         self.method.before_step(self.layers, optimizer, step)
+        norm = None
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_grad_norm)
+        self.method.before_update(self.layers, optimizer, step)
+        optimizer.step()
+        return norm
+
+    def step(
+        self, optimizer: PesoAdamW, step: int, gradient_pass: Callable[[], T], max_grad_norm: float = 0.0
+    ) -> T:
+        """Optimizer step ``step`` in ``peso train``'s order, for a loop without processes or a watchdog.
+
+        ``gradient_pass()`` runs forward + backward of the step's batch (and returns its loss). It runs
+        inside :meth:`training_step`, then :meth:`update`; on a two-phase step it runs again (drawing
+        the same dropout masks) for the second group. Gradients are zeroed before every pass and at
+        the end. Restarts are the caller's (:meth:`maybe_restart`). Returns what the first pass returned.
+        """
+        phases = self.phases(step)
+        rng = RngReplay() if len(phases) > 1 else None
+        optimizer.zero_grad(set_to_none=True)
+        with self.training_step(step):
+            loss = gradient_pass()
+        self.update(optimizer, step, max_grad_norm, phases[0])
+        for params in phases[1:]:
+            optimizer.zero_grad(set_to_none=True)
+            with rng.replay():
+                gradient_pass()
+            self.update(optimizer, step, max_grad_norm, params)
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class RngReplay:
+    """The torch RNG (CPU and current CUDA device) as it is at construction, to run a block from again.
+
+    ``with replay():`` runs the block from that state and leaves the RNG where it found it: the second
+    pass of a two-phase step draws the first pass's dropout masks (the same stochastic gradient), and
+    the run's RNG stream is that of a one-pass step.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state() if cuda else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [torch.cuda.current_device()] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda)
+            yield
 
 
 class _BothProbes:

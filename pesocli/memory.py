@@ -192,12 +192,7 @@ def restart_memory_probe(setup: ProbeSetup) -> dict[str, Any]:
         engine.maybe_restart(step, optimizer, restart_pass)
 
     def train_step(step: int) -> None:
-        with engine.training_step():
-            loss().backward()
-        engine.before_step(optimizer, step)
-        torch.nn.utils.clip_grad_norm_(engine.trainable_parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step(optimizer, step, restart_pass, max_grad_norm=1.0)
 
     restart(0)
     train_step(0)  # creates the optimizer state: from here on the training state is steady

@@ -79,19 +79,20 @@ def run(method_name: str, problem: SyntheticProblem, **method_options) -> list[f
     def run_pass() -> None:
         loss_fn().backward()
 
+    def gradient_pass() -> float:
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach())
+
     losses = []
     for step in range(problem.steps):
         lr = problem.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / problem.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         engine.maybe_restart(step, optimizer, run_pass)
-        optimizer.zero_grad(set_to_none=True)
-        with engine.training_step():  # attaches the method's step probes (LoRSum's products with G)
-            loss = loss_fn()
-            losses.append(float(loss.detach()))
-            loss.backward()
-        engine.before_step(optimizer, step)
-        optimizer.step()
+        # the trainer's step: step probes (LoRSum's products with G), the method's hooks, a second pass
+        # for a method that splits the step (peso-t); no clipping here
+        losses.append(engine.step(optimizer, step, gradient_pass))
     with torch.no_grad():
         losses.append(float(loss_fn()))
     return losses

@@ -4,7 +4,11 @@ Every method trains the same model (``--model tiny``: the built-in tiny Llama; `
 random-weight ~100M-parameter Llama built from ``LlamaConfig``) on the same random-token batches
 (``--batch`` x ``--seq``) with the same step order as ``peso train`` (``pesocli/train/loop.py``):
 
-    maybe_restart -> training_step(forward + backward) -> before_step -> clip -> step -> schedule -> zero_grad
+    maybe_restart -> Engine.step -> schedule -> zero_grad
+
+(``Engine.step``: forward + backward in ``training_step`` -> before_step -> clip -> before_update ->
+step, and for a method that splits the step, such as peso-t's sequential order, a second forward +
+backward and the second group's update)
 
 built from the same blocks (``Engine``, ``PesoAdamW``, ``build_scheduler``) but in a loop of its own, so
 the figures measure the method and not the CLI (no logging, no progress bar, no checkpoints).
@@ -56,7 +60,6 @@ re-prints a saved run's tables (and ``--plot``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -232,6 +235,12 @@ class Side:
     def loss_of(self, ids):
         return self.model(input_ids=ids, labels=ids).loss
 
+    def gradient_pass(self, ids):
+        """Forward + backward; the loss, detached (read after the step: no sync inside it)."""
+        loss = self.loss_of(ids)
+        loss.backward()
+        return loss.detach()
+
     def step(self, step: int, ids) -> None:
         """One optimizer step in ``peso train``'s order, timed (restart and training step apart)."""
         import torch
@@ -256,14 +265,13 @@ class Side:
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.profiler.record_function("bench::train_step"):
-            with engine.training_step(step) if engine is not None else contextlib.nullcontext():
-                loss = self.loss_of(ids)
-                loss.backward()
             if engine is not None:
-                engine.before_step(self.optimizer, step)
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.optimizer.step()
+                loss = engine.step(self.optimizer, step, lambda: self.gradient_pass(ids), self.max_grad_norm)
+            else:
+                loss = self.gradient_pass(ids)
+                if self.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         series["losses"].append(float(loss.detach()))

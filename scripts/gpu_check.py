@@ -225,6 +225,11 @@ class Check:
         def restart_pass() -> None:
             loss().backward()
 
+        def gradient_pass():
+            value = loss()
+            value.backward()
+            return value.detach()
+
         trainable = sum(p.numel() for p in engine.trainable_parameters())
         row: dict[str, Any] = {"trainable_m": round(trainable / 1e6, 2)}
         step_times, step_peaks, losses, restarts = [], [], [], []
@@ -241,13 +246,7 @@ class Check:
                 self.reset_peak()
                 self.sync()
                 start = time.perf_counter()
-                with engine.training_step():
-                    value = loss()
-                    value.backward()
-                engine.before_step(optimizer, step)
-                torch.nn.utils.clip_grad_norm_(engine.trainable_parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                value = engine.step(optimizer, step, gradient_pass, max_grad_norm=1.0)
                 self.sync()
                 if step > 0:  # step 0 warms up kernels and creates the optimizer state
                     step_times.append(time.perf_counter() - start)

@@ -116,7 +116,7 @@ def lr_sweep(problem: SyntheticProblem, methods: list[str], lrs: list[float]) ->
 def step_memory(method_name: str, warmup_steps: int = 2) -> dict:
     """One training step of ``method_name`` on the embedded default (tiny LM, its data and batch).
 
-    Runs the trainer's sequence (maybe restart -> probes + backward -> method hook -> clip -> AdamW)
+    Runs the trainer's sequence (maybe restart -> :meth:`pesocli.engine.Engine.step`)
     for ``warmup_steps`` steps, then measures the next, non-restart step with
     :func:`pesocli.memory.measure_peak`: the peak of live tensor bytes (training state + the step's
     own allocations). ``state_bytes`` is the adapted layers' persistent state: adapter and method
@@ -152,12 +152,7 @@ def step_memory(method_name: str, warmup_steps: int = 2) -> dict:
     def one_step(step: int) -> None:
         batch = {k: v.to(device) for k, v in next(stream).items()}
         engine.maybe_restart(step, optimizer, lambda: loss_of(batch).backward())
-        with engine.training_step():
-            loss_of(batch).backward()
-        engine.before_step(optimizer, step)
-        torch.nn.utils.clip_grad_norm_(engine.trainable_parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step(optimizer, step, lambda: loss_of(batch).backward(), cfg.optim.max_grad_norm)
 
     for step in range(warmup_steps):
         one_step(step)

@@ -283,6 +283,6 @@ def test_engine_attaches_the_probe_for_every_layer(make_tiny_model, token_batch)
     assert set(method._probes) == set(engine.layers)
     assert all(p.tokens == token_batch.numel() for p in method._probes.values())
     before = {n: layer.delta.weight().clone() for n, layer in engine.layers.items()}
-    engine.before_step(PesoAdamW(engine.trainable_parameters(), lr=1.0), 0)
+    engine.update(PesoAdamW(engine.trainable_parameters(), lr=1.0), 0)
     assert not method._probes
     assert all(not torch.equal(before[n], layer.delta.weight()) for n, layer in engine.layers.items())

@@ -52,19 +52,18 @@ def test_few_steps_decrease_the_loss(make_tiny_model, token_batch, family, metho
     def run_pass() -> None:
         loss_fn().backward()
 
+    def gradient_pass() -> float:
+        loss = loss_fn()
+        loss.backward()
+        return loss.item()
+
     losses, restarts = [], []
     for step in range(STEPS):
         records = engine.maybe_restart(step, optimizer, run_pass)
         if records:
             restarts.append(step)
             assert {r.layer for r in records} == set(engine.layers)
-        optimizer.zero_grad(set_to_none=True)
-        with engine.training_step():  # the trainer's path: step probes (lorsum) see this backward
-            loss = loss_fn()
-            losses.append(loss.item())
-            loss.backward()
-        engine.before_step(optimizer, step)
-        optimizer.step()
+        losses.append(engine.step(optimizer, step, gradient_pass))  # the trainer's step order and hooks
     with torch.no_grad():
         final = float(loss_fn())
 
@@ -107,8 +106,7 @@ def test_peso_t_moves_u_and_v_only_every_k_steps() -> None:
         )
         optimizer.zero_grad(set_to_none=True)
         (model(x) - 1.0).pow(2).mean().backward()
-        engine.before_step(optimizer, step)
-        optimizer.step()
+        engine.update(optimizer, step)
         u_moved = not torch.equal(before[0], layer.delta.U)
         v_moved = not torch.equal(before[1], layer.delta.V)
         assert not torch.equal(before[2], layer.delta.xi)

@@ -7,6 +7,7 @@ reference works in FP64 from the formulas of D.1/D.2 and Algorithm 5; the code r
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -253,7 +254,7 @@ def test_rms_rescale_from_the_first_post_restart_gradient(factors):
         param.grad = grads[name]
         before[name] = tuple(t.clone() for t in optimizer.moments(param))
 
-    method.before_step({"proj": layer}, optimizer, step=9)
+    method.before_update({"proj": layer}, optimizer, step=9)
 
     for name, param in (("lora_A", delta.lora_A), ("lora_B", delta.lora_B)):
         m0, v0 = before[name]
@@ -267,7 +268,7 @@ def test_rms_rescale_from_the_first_post_restart_gradient(factors):
         assert rms(v) == pytest.approx(float(g_rms) ** 2, rel=1e-5)
     snapshot = [t.clone() for t in optimizer.moments(delta.lora_A)]
     delta.lora_A.grad = torch.randn(R, IN) * 1e3
-    method.before_step({"proj": layer}, optimizer, step=10)  # only the first step after a restart
+    method.before_update({"proj": layer}, optimizer, step=10)  # only the first step after a restart
     close(optimizer.moments(delta.lora_A)[0], snapshot[0])
     close(optimizer.moments(delta.lora_A)[1], snapshot[1])
 
@@ -374,3 +375,38 @@ def test_method_state_round_trips():
     other = _method()
     other.load_state_dict(method.state_dict())
     assert (other.restarts_done, other.rescale_pending) == (3, True)
+
+
+def test_d2_rescale_reads_the_clipped_gradient_in_the_trainer(tmp_path, monkeypatch, train_embedded):
+    """D.2 sizes ``m`` and ``v`` to the gradient AdamW then uses: the clipped one, not the raw one.
+
+    Through the real loop with a tiny ``max_grad_norm`` (every step clips hard): right after the
+    rescale ``RMS(m) = RMS(g)`` and ``sqrt(RMS(v)) = RMS(g)`` for the ``g`` that enters the update.
+    Rescaling before clipping leaves both off by the clip factor (here ~1e3).
+    """
+    seen: list[list[tuple[float, float]]] = []
+    update = PesoAdamW.step
+
+    def recording_step(self, closure=None):
+        ratios = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param in self.state:
+                    m, v = self.state[param]["exp_avg"], self.state[param]["exp_avg_sq"]
+                    g = rms(param.grad)
+                    ratios.append((rms(m) / g, math.sqrt(rms(v)) / g))
+        seen.append(ratios)
+        return update(self, closure)
+
+    monkeypatch.setattr(PesoAdamW, "step", recording_step)
+    overrides = {"train.max_steps": 4, "method.restart_every": 3, "optim.max_grad_norm": 1e-3,
+                 "train.batch_size": 4, "data.limit": 32, "data.val_split": 0, "train.export": "none",
+                 "train.log_every": 1}
+    result = train_embedded(tmp_path, overrides)
+    metrics = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    norms = [json.loads(line)["grad_norm"] for line in metrics]
+    assert norms[3] > 100 * 1e-3  # the post-restart step really clips (by more than 100x)
+    assert len(seen) == 4 and len(seen[3]) == 2 * 14  # lora_A and lora_B of 14 layers
+    for m_ratio, v_ratio in seen[3]:  # step 3: the first update after the restart before it
+        assert m_ratio == pytest.approx(1.0, rel=1e-4)
+        assert v_ratio == pytest.approx(1.0, rel=1e-4)

@@ -56,6 +56,12 @@ def _method(name: str, **options):
     return method
 
 
+def _backward(loss: torch.Tensor) -> float:
+    """A gradient pass for :meth:`Engine.step`: backward, and the loss as a number."""
+    loss.backward()
+    return float(loss.detach())
+
+
 def _quantised_bytes(model) -> dict[str, bytes]:
     """Every byte of every quantised weight and its statistics, by module name."""
     out = {}
@@ -182,13 +188,7 @@ def test_quantised_tiny_trains_and_the_base_is_never_written(quant: str, method_
     for step in range(STEPS):
         if engine.maybe_restart(step, optimizer, lambda: loss().backward()):
             restarts.append(step)
-        with engine.training_step():
-            value = loss()
-            value.backward()
-        losses.append(float(value.detach()))
-        engine.before_step(optimizer, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(engine.step(optimizer, step, lambda: _backward(loss())))
     model.eval()
     with torch.no_grad():
         final = float(loss())
@@ -272,16 +272,14 @@ def _trajectory(method_name: str, checkpointing: bool) -> list[float]:
     engine = Engine(model, _method(method_name, restart_every=2), FullGradConfig(power_iters=1))
     optimizer = PesoAdamW(engine.trainable_parameters(), lr=1e-2)
     tokens = _tokens(tokenizer, batch=2, length=16)
+
+    def gradient_pass() -> float:
+        return _backward(model(input_ids=tokens, labels=tokens).loss)
+
     losses = []
     for step in range(3):
         engine.maybe_restart(step, optimizer, lambda: model(input_ids=tokens, labels=tokens).loss.backward())
-        with engine.training_step():  # step probes (lorsum) see every backward, recomputed or not
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-        engine.before_step(optimizer, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(engine.step(optimizer, step, gradient_pass))  # step probes (lorsum) see every backward
     assert all(math.isfinite(v) for v in losses)
     assert _quantised_bytes(model) == before
     return losses

@@ -7,6 +7,16 @@ layer's trainable module, asks :meth:`Method.restart_due` before every optimizer
 :meth:`Method.before_step` between backward and ``optimizer.step()``, and multiplies
 :meth:`Method.lr_multiplier` into its learning-rate schedule.
 
+An update goes through :meth:`pesocli.engine.Engine.update`, which brackets gradient clipping with
+two hooks, so the clip norm counts only the gradients the update uses and a hook that reads them
+sees what AdamW sees:
+
+    backward -> before_step (which gradients are used) -> clip -> before_update (read them) -> step
+
+:meth:`Method.first_phase` splits a step in two: those parameters step first, then a second
+forward + backward over the same micro-batches gives the others their gradients (PESO-LoRA-T,
+Algorithm 6 line 15).
+
 Orientation (the one convention inside peso, see ``pesocli/layers.py``): a layer's weight is
 ``(out, in)`` like ``nn.Linear``; the paper's ``A (m x r)`` is ``lora_B (out, r)`` and the
 paper's ``B (r x n)`` is ``lora_A (r, in)``; ``Delta W = scale * lora_B @ lora_A``.
@@ -161,8 +171,28 @@ class Method(ABC):
         """Update subspaces (and anchors, and optimizer state) of every layer; return records."""
         return []
 
+    def first_phase(self, layers: dict[str, AdaptedLinear], step: int) -> list[nn.Parameter] | None:
+        """Parameters that step first at step ``step`` (0-based); ``None`` (the default): one update.
+
+        A list splits the step: those parameters step on the step's gradients, then the trainer runs
+        a second forward + backward over the same micro-batches (same loss normalisation, all-reduce,
+        watchdog and clipping; the same dropout draws; no step probes or sketches) and steps every
+        other parameter on its gradients. The second pass costs one more forward and backward.
+        """
+        del layers, step
+        return None
+
     def before_step(self, layers: dict[str, AdaptedLinear], optimizer: PesoAdamW, step: int) -> None:  # noqa: B027
-        """Hook between backward and ``optimizer.step()`` (gradients are in ``.grad``)."""
+        """Before clipping: decide which gradients this update uses.
+
+        ``.grad`` holds the step's gradients, summed over processes (on a two-phase step only the
+        phase's parameters keep theirs). Set ``.grad = None`` where a parameter must not step, or use
+        the gradients here (a method that writes its own update, then clears them): clipping and the
+        optimizer see only what is left. Runs before every update (twice on a two-phase step).
+        """
+
+    def before_update(self, layers: dict[str, AdaptedLinear], optimizer: PesoAdamW, step: int) -> None:  # noqa: B027
+        """After clipping, right before ``optimizer.step()``: ``.grad`` is exactly what AdamW uses."""
 
     def lr_multiplier(self, step: int) -> float:
         """Factor on the run's learning-rate schedule at optimizer step ``step`` (0-based); 1.0 by default.

@@ -16,9 +16,11 @@ paper factors ``A = sqrt(s) lora_B (out, r)``, ``B = sqrt(s) lora_A (r, in)`` an
 3. Anchor (Algorithm 5 line 5) - see ``anchor_update`` below.
 4. D.1 momentum rotation ``m_A <- m_A T_A``, ``m_B <- T_B^T m_B`` with ``T_A = Q_A^T U_ema``,
    ``T_B = Q_B^T V_ema``.
-5. D.2 at the first step after the restart (:meth:`PesoR.before_step`): ``v <- (||g||^2 / ||v||) v``,
+5. D.2 at the first step after the restart (:meth:`PesoR.before_update`): ``v <- (||g||^2 / ||v||) v``,
    ``m <- (||g|| / ||m||) m`` with RMS norms, and ``beta2`` cosine warm-up from ``beta2_min``
-   (0.95) to the optimizer's ``beta2`` over ``T = floor(K / 3)`` updates.
+   (0.95) to the optimizer's ``beta2`` over ``T = floor(K / 3)`` updates. ``g`` is the gradient
+   AdamW uses at that step: after clipping (D.2 sizes the moments to it; rescaling from the raw
+   gradient and then clipping would leave ``v`` too hot by the clip factor squared).
 
 Deviations, each a switch:
 - ``orthonormal_ema`` (default on): ``U_ema``/``V_ema`` are replaced by their nearest
@@ -219,7 +221,8 @@ class PesoR(LoRA):
             extra={"gamma": c.gamma if kind == "init" else c.gamma_later, **extra},
         )
 
-    def before_step(self, layers, optimizer, step: int) -> None:
+    def before_update(self, layers, optimizer, step: int) -> None:
+        """D.2 from the clipped gradient of the first step after a restart (see the module docstring)."""
         if not self.rescale_pending:
             return
         self.rescale_pending = False

@@ -1,11 +1,13 @@
 """``peso train``: one loop for the CPU, one GPU and several processes (``torchrun`` / ``--nproc``).
 
 Reads top to bottom: set lr -> maybe restart -> micro-steps -> sum gradients over processes ->
-judge the step -> method hook -> clip -> step -> log -> maybe evaluate -> maybe checkpoint -> stop
-if signalled. Everything method-specific happens behind :class:`~pesocli.engine.Engine`; everything
-a checkpoint holds is one :class:`~pesocli.train.resume.TrainerState`; everything about several
-processes (sharing the batch, summing gradients, rank 0 writing) is in
-:mod:`pesocli.train.distributed` and is a no-op in one process.
+judge the step -> update (method hooks around clipping, optimizer step; a method that splits the step
+gets a second pass over the same micro-batches for its second group) -> log -> maybe evaluate ->
+maybe checkpoint -> stop if signalled. Everything method-specific happens behind
+:class:`~pesocli.engine.Engine`; everything a checkpoint holds is one
+:class:`~pesocli.train.resume.TrainerState`; everything about several processes (sharing the batch,
+summing gradients, rank 0 writing) is in :mod:`pesocli.train.distributed` and is a no-op in one
+process.
 
 The loss of a step is the mean over every trained token of the step's (global) batch, however the
 batch is split into micro-batches and processes: each micro-batch's summed token loss is divided by
@@ -31,7 +33,7 @@ import torch
 
 from pesocli.config import RunConfig, config_from_dict, config_to_dict
 from pesocli.data import IGNORE, DataBundle, build_datasets, collate, num_batches, render_example
-from pesocli.engine import Engine
+from pesocli.engine import Engine, RngReplay
 from pesocli.errors import ConfigError, Interrupted, NumericalError
 from pesocli.methods import RestartRecord, build_method, method_class
 from pesocli.models import load_model_and_tokenizer, prepare_model, resolve_device
@@ -340,6 +342,36 @@ def _train(
     def fill(batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return batch if batch is not None else stream.placeholder()
 
+    def gradient_pass(micro: list[dict[str, torch.Tensor] | None], trained: float) -> float:
+        """Forward + backward of this process's micro-batches; their summed loss / ``trained`` tokens."""
+        total = 0.0
+        for batch in micro:
+            loss = lm_loss(model, fill(batch)) / max(trained, 1.0)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def update(step: int, phases: list, micro: list, trained: float, replay: RngReplay | None):
+        """The step's updates, one per group of ``engine.phases(step)``: ``(problem, grad norm)``.
+
+        A later group steps on the gradients of a second forward + backward over the same micro-batches
+        (same dropout draws, loss normalisation, all-reduce and watchdog), taken after the first group
+        stepped. If that pass is bad, the first group's update is undone: the step did not happen.
+        """
+        undo = Snapshot.take(engine.layers, optimizer, method) if len(phases) > 1 else None
+        norms = [engine.update(optimizer, step, o.max_grad_norm, phases[0])]
+        for params in phases[1:]:
+            optimizer.zero_grad(set_to_none=True)
+            with replay.replay():
+                loss = gradient_pass(micro, trained)
+            (loss,) = world.reduce_gradients(engine.trainable_parameters(), [loss])
+            problem = watchdog.verdict(loss, engine.layers)
+            if problem is not None:
+                undo.restore(engine.layers, optimizer, method)
+                return f"second gradient pass: {problem}", None
+            norms.append(engine.update(optimizer, step, o.max_grad_norm, params))
+        return None, None if norms[0] is None else math.hypot(*(float(n) for n in norms))
+
     restart_steps = [s for s in range(steps) if method.restart_due(s)]
     eval_loss = None
     last_checkpoint = start_step if point is not None else None
@@ -376,12 +408,10 @@ def _train(
                 # the step's loss: the mean over the trained tokens of all micro-batches of all
                 # processes, so each process needs the global count before its backward
                 step_trained, step_tokens = world.sum([trained_tokens(micro), input_tokens(micro)])
-                step_loss = 0.0
+                phases = engine.phases(step)  # [all], or [first, rest]: rest steps on a second pass
+                replay = RngReplay() if len(phases) > 1 else None  # that pass draws this one's dropout
                 with engine.training_step(step):
-                    for batch in micro:
-                        loss = lm_loss(model, fill(batch)) / max(step_trained, 1.0)
-                        loss.backward()
-                        step_loss += float(loss.detach())
+                    step_loss = gradient_pass(micro, step_trained)
                 # one flattened all-reduce: every adapter gradient, the loss and the stop votes
                 votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
                 step_loss, *votes = world.reduce_gradients(engine.trainable_parameters(), [step_loss, *votes])
@@ -393,11 +423,8 @@ def _train(
                 grad_norm = None
                 problem = watchdog.verdict(step_loss, engine.layers)  # before anything uses the gradients
                 if problem is None:
-                    engine.before_step(optimizer, step)
-                    if o.max_grad_norm > 0:
-                        params = engine.trainable_parameters()
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
-                    optimizer.step()
+                    problem, grad_norm = update(step, phases, micro, step_trained, replay)
+                if problem is None:
                     watchdog.accept(step_loss)
                     counters.add_loss(step_loss)
                 elif watchdog.reject():
