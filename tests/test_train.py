@@ -233,3 +233,42 @@ def test_export_none_writes_no_export(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r/final").is_dir() and not (tmp_path / "r/export").exists()
+
+
+def test_lm_loss_projects_only_from_the_first_trained_position() -> None:
+    """``lm_loss`` skips the vocabulary projection of prompt-only columns; the sum and the gradient of
+    the full-logits cross-entropy are unchanged (right-padded rows whose answers start at different
+    columns, plus a batch with nothing trained)."""
+    from pesocli.models import build_tiny_model, load_tiny_tokenizer
+    from pesocli.train.loop import lm_loss
+
+    torch.manual_seed(0)
+    model = build_tiny_model(load_tiny_tokenizer())
+    ids = torch.randint(3, 400, (3, 12))
+    labels = ids.clone()
+    labels[0, :7], labels[1, :5], labels[2, :9] = -100, -100, -100
+    labels[1, 10:] = -100  # right padding
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    calls = []
+    model.register_forward_hook(lambda _m, _a, _kw, out: calls.append(out.logits.shape[1]), with_kwargs=True)
+
+    def reference() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        shifted, trained = labels[:, 1:], labels[:, 1:] != -100
+        kept = logits[:, :-1][trained].float()
+        return torch.nn.functional.cross_entropy(kept, shifted[trained], reduction="sum")
+
+    expected = reference()
+    expected.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = lm_loss(model, batch)
+    loss.backward()
+    assert calls[-1] == 12 - 4  # the first trained label is column 5 of the inputs: logits from column 4
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
+    nothing = {**batch, "labels": torch.full_like(labels, -100)}
+    assert float(lm_loss(model, nothing).detach()) == 0.0
