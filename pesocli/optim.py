@@ -2,9 +2,9 @@
 
 :class:`PesoAdamW` is a real ``torch.optim.Optimizer`` and computes exactly what
 ``torch.optim.AdamW`` computes (decoupled weight decay, bias correction with the per-tensor
-step count) until someone changes its state. The restart code touches that state only through
-:meth:`PesoAdamW.moments`, :meth:`PesoAdamW.reset_state` and
-:meth:`PesoAdamW.set_beta2_warmup`.
+step count) until someone changes its state. Methods touch that state only through
+:meth:`PesoAdamW.moments`, :meth:`PesoAdamW.reset_state`, :meth:`PesoAdamW.set_beta2_warmup` and
+:meth:`PesoAdamW.set_step_count` (a tensor whose bias correction follows a global step).
 
 ``beta2`` warm-up (D.2): after a restart at update ``t_r`` the tensor uses
 ``beta2(t) = b_min + (b_final - b_min) (1 - cos(pi (t - t_r) / T)) / 2`` for
@@ -56,6 +56,16 @@ class PesoAdamW(torch.optim.Optimizer):
     def step_count(self, param: torch.Tensor) -> int:
         """Number of updates ``param`` has received."""
         return int(self._state(param)["step"])
+
+    def set_step_count(self, param: torch.Tensor, count: int) -> None:
+        """Number ``param``'s next update ``count + 1``, however many updates it has had.
+
+        For a tensor whose bias correction follows the global step ``k`` rather than its own updates
+        (PESO-LoRA-T's ``(U, V)`` step every ``K`` steps with ``1 - beta^k``, Algorithm 6 lines 10-11):
+        call with ``k - 1`` before the update. A ``beta2`` warm-up counts in the same numbers. The
+        count is ordinary state, so ``state_dict`` and checkpoints carry it.
+        """
+        self._state(param)["step"] = torch.tensor(float(count))
 
     def reset_state(self, param: torch.Tensor) -> None:
         """Forget ``param``'s moments, step count and ``beta2`` schedule (a fresh start)."""

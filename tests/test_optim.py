@@ -182,3 +182,25 @@ def test_is_a_real_optimizer_with_schedulers():
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert copy.deepcopy(optimizer.state_dict())["param_groups"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_set_step_count_numbers_the_next_update_for_bias_correction():
+    """Algorithm 6 lines 10-11: a tensor stepping at global step k corrects with 1 - beta^k, not its count."""
+    lr, (b1, b2), eps = 0.1, (0.9, 0.999), 1e-8
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    optimizer = PesoAdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0)
+    grad = torch.tensor([0.3, -0.1, 2.0], dtype=torch.float64)
+    start = param.detach().clone()
+    optimizer.set_step_count(param, 4)  # no update yet; the next one is update 5 (k = 5)
+    param.grad = grad
+    optimizer.step()
+    m, v = (1 - b1) * grad, (1 - b2) * grad**2
+    expected = start - lr * (m / (1 - b1**5)) / ((v / (1 - b2**5)).sqrt() + eps)
+    torch.testing.assert_close(param.detach(), expected, atol=1e-12, rtol=0)
+    assert optimizer.step_count(param) == 5
+    # with its own count (update 1) the step would be lr * sign(g); at k = 5 it is 0.55 lr
+    own = start - lr * (m / (1 - b1)) / ((v / (1 - b2)).sqrt() + eps)
+    assert float((own - start).abs().min()) > 1.5 * float((expected - start).abs().max())
+    restored = PesoAdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0)
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # the count is ordinary state
+    assert restored.step_count(param) == 5
