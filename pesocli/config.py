@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -45,8 +46,13 @@ class ModelConfig:
     """The backbone."""
 
     name: str = "tiny"
-    """``tiny`` (built-in tiny Llama), a local folder, a Hugging Face id in the local cache, or an alias
-    from ``pesocli.models.MODEL_ALIASES`` (``llama-3.1-8b``)."""
+    """``tiny`` (built-in tiny Llama), a local folder, a Hugging Face id in the local cache, an alias
+    from ``pesocli.models.MODEL_ALIASES`` (``llama-3.1-8b``), a ``.gguf`` file, or a GGUF alias from
+    ``pesocli.gguf_models.GGUF_ALIASES`` (``smollm2-135m``). A folder or file is saved as an absolute
+    path, so the run reloads it from anywhere."""
+    gguf_file: str | None = None
+    """A ``.gguf`` file inside the ``name`` folder (or cached repo) to load instead of safetensors,
+    dequantised to ``dtype``. Not needed when ``name`` is the ``.gguf`` file or a GGUF alias."""
     dtype: str = "auto"
     """Backbone precision: ``auto`` (BF16 on CUDA, FP32 on CPU), ``bf16`` or ``fp32``."""
     trust_remote_code: bool = False
@@ -69,6 +75,10 @@ class ModelConfig:
         errors = []
         if not self.name:
             errors.append("model.name must not be empty")
+        if self.gguf_file is not None and not self.gguf_file.lower().endswith(".gguf"):
+            errors.append(f"model.gguf_file must name a .gguf file (got {self.gguf_file!r})")
+        elif self.gguf_file is not None and self.name.lower().endswith(".gguf"):
+            errors.append("model.gguf_file is set and model.name is a .gguf file: pass only one of them")
         if self.dtype not in ("auto", "bf16", "fp32"):
             errors.append(f"model.dtype must be auto, bf16 or fp32 (got {self.dtype!r})")
         if self.quant not in ("none", "nf4", "fp4", "int8"):
@@ -422,7 +432,21 @@ def _build(layers: list[_Layer]) -> RunConfig:
     errors.extend(cfg.validate())
     if errors:
         raise ConfigError(_format_errors(errors))
+    cfg.model.name = _absolute_if_on_disk(cfg.model.name)
     return cfg
+
+
+def _absolute_if_on_disk(name: str) -> str:
+    """A model folder or ``.gguf`` file as an absolute path, so the run's saved config reloads it from any
+    working directory; ``tiny``, GGUF aliases and ids are returned unchanged (``resolve_model``'s order)."""
+    from pesocli.gguf_models import GGUF_ALIASES, is_gguf_path
+
+    path = Path(name).expanduser()
+    if name == "tiny" or name.lower() in GGUF_ALIASES:
+        return name
+    if path.is_dir() or (path.is_file() and is_gguf_path(name)):
+        return os.path.abspath(path)
+    return name
 
 
 def _has_field(methods: dict[str, type[Method]], method: str, key: str) -> bool:

@@ -1,9 +1,11 @@
-"""Finding and loading backbones: the built-in tiny Llama, local folders and the offline HF cache.
+"""Finding and loading backbones: the built-in tiny Llama, local folders, GGUF files and the offline HF cache.
 
 peso never downloads weights. ``--model`` takes ``tiny``, a local folder written by
-``save_pretrained``, a Hugging Face id already in the local cache, or a short alias from
-:data:`MODEL_ALIASES`. Everything heavy (torch, transformers) is imported inside functions so the
-CLI's ``--help`` stays instant.
+``save_pretrained``, a Hugging Face id already in the local cache, a short alias from
+:data:`MODEL_ALIASES`, a ``.gguf`` file (or a folder plus ``model.gguf_file``), or a GGUF alias
+from :data:`~pesocli.gguf_models.GGUF_ALIASES` (``smollm2-135m``); GGUF weights are dequantised
+into an ordinary model (:mod:`pesocli.gguf_models`). Everything heavy (torch, transformers) is
+imported inside functions so the CLI's ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pesocli.errors import ConfigError, ModelError
+from pesocli.gguf_models import GGUF_ALIASES, is_gguf_path, packaged_file
 
 if TYPE_CHECKING:
     import torch
@@ -59,13 +62,30 @@ class ResolvedModel:
     """Where a ``--model`` value points."""
 
     kind: str
-    """``tiny`` (built in), ``folder`` (a local directory) or ``hub_cache`` (a snapshot in the HF cache)."""
+    """``tiny`` (built in), ``folder`` (a local directory), ``hub_cache`` (a snapshot in the HF cache)
+    or ``gguf`` (a ``.gguf`` file in ``path``, loaded dequantised)."""
     path: Path | None
-    """The folder to load from (``None`` for ``tiny``)."""
+    """The folder to load from (``None`` for ``tiny``; the file's folder for ``gguf``)."""
     name: str
-    """What the user passed (alias, id, folder or ``tiny``)."""
+    """What the user passed (alias, id, folder, ``.gguf`` file or ``tiny``)."""
     repo_id: str | None = None
-    """The Hugging Face id for ``hub_cache`` models."""
+    """The Hugging Face id for ``hub_cache`` models (and ``gguf`` files found in the cache)."""
+    gguf_file: str | None = None
+    """For ``gguf``: the file's name inside ``path``."""
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The ``.gguf`` file (absolute) of a ``gguf`` model, else ``None``."""
+        if self.gguf_file is None or self.path is None:
+            return None
+        return self.path / self.gguf_file
+
+    @property
+    def spec(self) -> str:
+        """A ``model.name`` that loads this same model again (``tiny``, a folder or a ``.gguf`` file)."""
+        if self.kind == "tiny" or self.path is None:
+            return self.name
+        return str(self.gguf_path if self.gguf_path is not None else self.path)
 
 
 def hub_cache_dir() -> Path:
@@ -75,15 +95,29 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def resolve_model(name: str, cache_dir: str | Path | None = None) -> ResolvedModel:
-    """Resolve ``tiny``, a folder, an alias or an ``org/name`` id to something loadable, offline.
+def resolve_model(
+    name: str, cache_dir: str | Path | None = None, gguf_file: str | None = None
+) -> ResolvedModel:
+    """Resolve ``tiny``, a folder, a ``.gguf`` file, an alias or an ``org/name`` id to something loadable.
 
-    Raises :class:`ModelError` (one line) when a folder does not exist, an id is not in the cache
-    (saying where it looked and how to pass a folder), or a short name is not a known alias.
+    ``gguf_file`` (``model.gguf_file``) names a ``.gguf`` file inside the folder or cached repo
+    ``name``. Raises :class:`ModelError` (one line) when a folder or file does not exist, an id is
+    not in the cache (saying where it looked and how to pass a folder), a GGUF alias's package is
+    not installed, or a short name is not a known alias.
     """
+    if gguf_file is not None:
+        return _resolve_gguf_in(name, gguf_file, cache_dir)
     if name == TINY:
         return ResolvedModel(kind="tiny", path=None, name=name)
+    if name.lower() in GGUF_ALIASES:
+        file = packaged_file(name)
+        return ResolvedModel(kind="gguf", path=file.parent, name=name, gguf_file=file.name)
     folder = Path(name).expanduser()
+    if is_gguf_path(name):
+        if not folder.is_file():
+            raise ModelError(f"GGUF file {str(folder)!r} does not exist")
+        file = folder.resolve()
+        return ResolvedModel(kind="gguf", path=file.parent, name=name, gguf_file=file.name)
     if folder.is_dir():
         return ResolvedModel(kind="folder", path=folder.resolve(), name=name)
     repo_id = MODEL_ALIASES.get(name.lower())
@@ -92,16 +126,40 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> ResolvedMod
     if repo_id is None:
         if name.startswith((".", "/", "~")) or "/" in name or "\\" in name:
             raise ModelError(f"model folder {str(folder)!r} does not exist")
-        aliases = ", ".join(sorted(MODEL_ALIASES))
+        aliases = ", ".join(sorted([*MODEL_ALIASES, *GGUF_ALIASES]))
         raise ModelError(
-            f"unknown model {name!r}: pass 'tiny', a local folder, a Hugging Face id (org/name) "
-            f"or an alias ({aliases})"
+            f"unknown model {name!r}: pass 'tiny', a local folder, a .gguf file, a Hugging Face id "
+            f"(org/name) or an alias ({aliases})"
         )
     return ResolvedModel(kind="hub_cache", path=_cached_snapshot(repo_id, name, cache_dir), name=name,
                          repo_id=repo_id)
 
 
-def _cached_snapshot(repo_id: str, name: str, cache_dir: str | Path | None) -> Path:
+def _resolve_gguf_in(name: str, gguf_file: str, cache_dir: str | Path | None) -> ResolvedModel:
+    """``model.gguf_file`` inside the folder (or cached Hugging Face repo) ``name``."""
+    if not is_gguf_path(gguf_file):
+        raise ModelError(f"model.gguf_file must name a .gguf file (got {gguf_file!r})")
+    if name == TINY or name.lower() in GGUF_ALIASES or is_gguf_path(name):
+        raise ModelError(f"model.gguf_file {gguf_file!r} needs model.name to be the folder that holds it "
+                         f"(got {name!r})")
+    folder, repo_id = Path(name).expanduser(), None
+    if folder.is_dir():
+        folder = folder.resolve()
+    else:
+        repo_id = MODEL_ALIASES.get(name.lower(), name)
+        if not _HUB_ID.match(repo_id):
+            raise ModelError(f"model folder {str(folder)!r} (for model.gguf_file {gguf_file}) does not exist")
+        folder = _cached_snapshot(repo_id, name, cache_dir, need=gguf_file)
+    if not (folder / gguf_file).is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; it holds {', '.join(found)}" if found else ""
+        raise ModelError(f"{folder} has no GGUF file {gguf_file}{hint}")
+    return ResolvedModel(kind="gguf", path=folder, name=name, repo_id=repo_id, gguf_file=gguf_file)
+
+
+def _cached_snapshot(
+    repo_id: str, name: str, cache_dir: str | Path | None, need: str = "config.json"
+) -> Path:
     from huggingface_hub import snapshot_download
 
     cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
@@ -113,8 +171,8 @@ def _cached_snapshot(repo_id: str, name: str, cache_dir: str | Path | None) -> P
             f"model {what} is not in the Hugging Face cache at {cache} and peso never downloads; "
             f"download it first (hf download {repo_id}) or pass a local folder: --model /path/to/folder"
         ) from exc
-    if not (snapshot / "config.json").is_file():
-        raise ModelError(f"cached snapshot {snapshot} of {repo_id} has no config.json; pass a full folder")
+    if not (snapshot / need).is_file():
+        raise ModelError(f"cached snapshot {snapshot} of {repo_id} has no {need}; pass a full folder")
     return snapshot
 
 
@@ -225,11 +283,12 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the backbone (on ``device``, in ``cfg.dtype``, quantised as ``cfg.quant``) and its tokenizer.
 
-    Never touches the network. With ``cfg.quant`` other than ``none`` every linear layer but
+    Never touches the network. A GGUF file (``gguf`` kind) is dequantised into a plain model in
+    ``cfg.dtype`` (:func:`read_gguf`). With ``cfg.quant`` other than ``none`` every linear layer but
     ``lm_head`` is a bitsandbytes layer (see :mod:`pesocli.quant`): a folder or cached id is
     quantised by transformers while loading (``quantization_config``, ``device_map`` on
-    ``device``); the tiny model is built in full precision and quantised in place. Training-time
-    switches (gradient checkpointing) are applied by :func:`prepare_model`.
+    ``device``); the tiny model and a GGUF file are built in full precision and quantised in place.
+    Training-time switches (gradient checkpointing) are applied by :func:`prepare_model`.
     """
     import torch
 
@@ -237,18 +296,19 @@ def load_model_and_tokenizer(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(cfg.dtype, device)
-    resolved = resolve_model(cfg.name)
+    resolved = resolve_model(cfg.name, gguf_file=cfg.gguf_file)
     if resolved.kind == "tiny":
         tokenizer = load_tiny_tokenizer()
-        model = build_tiny_model(tokenizer).to(dtype=dtype, device=device)
-        if cfg.quant != "none":
-            from pesocli.quant import quantize_linears
-
-            quantize_linears(model, cfg, device)  # the same bitsandbytes layers transformers would build
-        return model, tokenizer
+        return _placed(build_tiny_model(tokenizer), cfg, dtype, device), tokenizer
+    if resolved.kind == "gguf":
+        assert resolved.gguf_path is not None
+        model, tokenizer = read_gguf(resolved.gguf_path, dtype)
+        return _placed(model, cfg, dtype, device), tokenizer
     assert resolved.path is not None
     if not (resolved.path / "config.json").is_file():
-        raise ModelError(f"{resolved.path} is not a model folder (no config.json)")
+        ggufs = sorted(p.name for p in resolved.path.glob("*.gguf"))
+        hint = f"; to load its GGUF file, set model.gguf_file={ggufs[0]}" if ggufs else ""
+        raise ModelError(f"{resolved.path} is not a model folder (no config.json){hint}")
     tokenizer = _load_tokenizer(resolved.path, cfg.trust_remote_code)
     if cfg.quant == "none":
         return _load_model(resolved.path, dtype, cfg.trust_remote_code).to(device), tokenizer
@@ -257,6 +317,33 @@ def load_model_and_tokenizer(
     # bitsandbytes quantises each weight as it is placed: load straight onto ``device``.
     quantised = {"quantization_config": bnb_config(cfg, dtype), "device_map": {"": device}}
     return keep_cpu_layout(_load_model(resolved.path, dtype, cfg.trust_remote_code, **quantised)), tokenizer
+
+
+def read_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The ``.gguf`` ``file`` dequantised into a plain causal LM in ``dtype`` (on the CPU), and its tokenizer.
+
+    transformers reads config, tokenizer (with the chat template) and weights from the file; no
+    code from the file's folder runs (``trust_remote_code`` stays off). Slow: transformers parses
+    the file's metadata once for the config, once for the weights and once for the tokenizer
+    (25-35 s for the 98 MB SmolLM2-135M file on one CPU thread, most of it in the metadata).
+    """
+    from pesocli.gguf_models import dequantising_kwargs, make_plain, require_gguf_package
+
+    require_gguf_package(file)
+    tokenizer = _load_tokenizer(file.parent, False, gguf_file=file.name)
+    model = _load_model(file.parent, dtype, False, **dequantising_kwargs(file.name))
+    return make_plain(model), tokenizer
+
+
+def _placed(model: PreTrainedModel, cfg: ModelConfig, dtype: torch.dtype,
+            device: torch.device) -> PreTrainedModel:
+    """A full-precision model built in memory, moved to ``dtype``/``device``, quantised as ``cfg.quant``."""
+    model = model.to(dtype=dtype, device=device)
+    if cfg.quant != "none":
+        from pesocli.quant import quantize_linears
+
+        quantize_linears(model, cfg, device)  # the same bitsandbytes layers transformers would build
+    return model
 
 
 def prepare_model(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
@@ -282,12 +369,12 @@ def prepare_model(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     return model
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: Path, trust_remote_code: bool, **extra: Any) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from exc
@@ -307,8 +394,10 @@ def _load_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, **extra
             **extra,
         )
     except (OSError, ValueError, ImportError) as exc:
-        hint = "" if trust_remote_code else " (if the model needs custom code, pass --trust-remote-code)"
-        raise ModelError(f"cannot load a causal LM from {path}: {_first_line(exc)}{hint}") from exc
+        custom_code = not trust_remote_code and "gguf_file" not in extra  # a GGUF file never runs code
+        hint = " (if the model needs custom code, pass --trust-remote-code)" if custom_code else ""
+        where = path / extra["gguf_file"] if "gguf_file" in extra else path
+        raise ModelError(f"cannot load a causal LM from {where}: {_first_line(exc)}{hint}") from exc
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -15,7 +15,8 @@ from pesocli.cli.common import config_option, debug_enabled, parse_settings, rep
 
 # (option, config key, click type, help): each named option sets exactly one config key.
 CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--model", "model.name", str, "Model: 'tiny', a local folder, a cached Hugging Face id or an alias."),
+    ("--model", "model.name", str,
+     "Model: 'tiny', a local folder, a .gguf file, a cached Hugging Face id or an alias (smollm2-135m)."),
     ("--method", "method.name", str,
      "Method: lora, lora-one, peso-r, peso-t, lorsum, lorsum-scaled, rac-lora, galore, relora."),
     ("--data", "data.path", str, "Training data: a JSONL/JSON file or a folder of them."),
