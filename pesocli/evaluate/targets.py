@@ -5,7 +5,7 @@ A target is one of:
 - ``run``: a run folder of ``peso train`` (``final/`` or ``checkpoints/step-N`` with ``--checkpoint``),
   loaded by :func:`pesocli.runs.load_run` as it was trained (anchors + adapters, unmerged);
 - ``model``: a Hugging Face model folder (a ``merged`` export, a plain model), a cached id or alias,
-  or ``tiny``;
+  a ``.gguf`` file or GGUF alias (``smollm2-135m``, loaded dequantised), or ``tiny``;
 - ``anchored``: a folder holding ``model/`` (a model folder) and ``adapter/`` (a PEFT LoRA folder),
   as ``peso export --format anchored`` writes it; the adapter is applied unmerged, as vLLM does;
 - ``adapter``: a PEFT LoRA folder (``adapter_config.json``) on its base model
@@ -44,7 +44,7 @@ class Target:
     path: Path | None
     """The run / export / model / adapter folder (``None`` for ``tiny``)."""
     model: str | None = None
-    """What to load the (base) model from: a folder, a cached id, an alias or ``tiny``."""
+    """What to load the (base) model from: a folder, a ``.gguf`` file or ``tiny``."""
     adapter_dir: Path | None = None
     """The PEFT LoRA folder applied on top (``anchored``, ``adapter``)."""
     state_dir: Path | None = None
@@ -107,8 +107,7 @@ def resolve_target(spec: str, checkpoint: int | None = None, base: str | None = 
         if (folder / "config.json").is_file():
             return Target("model", spec, folder, model=str(folder), export_format=fmt)
         if (folder / "adapter_config.json").is_file():
-            base_model = resolve_model(base or _adapter_base(folder))  # one line when it is not here
-            model = str(base_model.path) if base_model.path is not None else base_model.name
+            model = resolve_model(base or _adapter_base(folder)).spec  # one line when it is not here
             return Target("adapter", spec, folder, model=model, adapter_dir=folder, export_format=fmt)
         if (folder / "model" / "config.json").is_file():
             adapter = folder / "adapter"
@@ -130,7 +129,7 @@ def resolve_target(spec: str, checkpoint: int | None = None, base: str | None = 
     if checkpoint is not None:
         raise ConfigError(f"--checkpoint applies to run folders; {spec!r} is not one")
     resolved = resolve_model(spec)  # ModelError (one line) when it is not on this machine
-    return Target("model", spec, resolved.path, model=str(resolved.path) if resolved.path else spec)
+    return Target("model", spec, resolved.path, model=resolved.spec)
 
 
 def _adapter_base(folder: Path) -> str:
@@ -187,6 +186,8 @@ def target_hash(target: Target) -> str:
         model = Path(target.model) if target.model else None
         if model is not None and model.is_dir():
             entries += _folder_entries(model, "model")
+        elif model is not None and model.is_file():  # a .gguf file
+            entries.append(f"model/{model.name}:{sha256(model)}")
         else:
             entries.append(f"model:{target.model}:peso-{__version__}")
         if target.adapter_dir is not None:

@@ -277,6 +277,12 @@ def _base_modules(folder: Path, config: dict[str, Any], base: str | Path | None,
     if not name:
         report.add(folder, "no base_model_name_or_path: cannot check module paths (pass --base)")
         return None
+    from pesocli.gguf_models import GGUF_ALIASES, is_gguf_path
+
+    if is_gguf_path(name) or str(name).lower() in GGUF_ALIASES:
+        report.add(folder, f"base model {name} is a GGUF file: cannot check module paths against it (pass "
+                           "--base with a model folder, e.g. the base/ that an adapter export writes)")
+        return None
     base_folder = _resolve_base(str(name))
     if base_folder is None:
         report.add(folder, f"base model {name} not found (as a folder or in the HF cache): cannot check "

@@ -6,8 +6,8 @@
                --lora-modules NAME=OUT/adapter``.
 ``adapter``    ``OUT/`` = one PEFT LoRA on the untouched base, anchor and adapter stacked (rank
                ``R + r``, exact; compressed only past ``--max-rank``). A base that exists only in
-               code (``tiny``) is written to ``OUT/base/``. ``vllm serve BASE --enable-lora
-               --lora-modules NAME=OUT``.
+               memory (``tiny``, or one dequantised from a ``.gguf`` file) is written to
+               ``OUT/base/``. ``vllm serve BASE --enable-lora --lora-modules NAME=OUT``.
 ``merged``     ``OUT/`` = one dense model folder ``W0 + anchor + Delta W``. ``vllm serve OUT``.
 ``merge``      ``OUT/`` = ``W0 + anchor`` (``+ Delta W`` with ``include_adapter``), a model folder.
 =============  ===================================================================================
@@ -156,7 +156,7 @@ class _Exporter:
         original = load_run(trained.run_dir, trained.checkpoint, device=str(device), quant="none")
         difference = verify.relative_error(verify.logits(original.model, self.tokens),
                                            verify.logits(trained.model, self.tokens))
-        forced = fmt == "adapter" and self.base.path is not None
+        forced = fmt == "adapter" and not self.base.ships
         choice = "original" if forced else self.options.base_weights
         self.quant = {"quant": quant, "base_weights": choice, "original_vs_dequantised_logits": difference}
         what = {"dequantised": f"the dequantised {quant} base the run trained on (reproduces training)",
@@ -209,7 +209,7 @@ class _Exporter:
 
     def _adapter(self, tmp: Path, fit: RankFit):
         parts: dict[str, str] = {"adapter": "."}
-        if self.base.path is None:  # the built-in tiny model exists only in code: ship it
+        if self.base.ships:  # tiny, or dequantised from a GGUF file: no folder to point at, ship it
             self._write_model(tmp / "base", adapter=False, anchor=False)
             base_name = str(self.out / "base")
             parts.update(model="base", adapter_base="base")
@@ -321,7 +321,7 @@ class _Exporter:
         model_bytes = sum(math.prod(source.shape) for source in sources) * itemsize
         adapter_bytes = 0 if fit is None else sum(
             (p.lora_A.numel() + p.lora_B.numel()) * itemsize for p in fit.pairs.values())
-        copies = 1 if fmt != "adapter" or self.base.path is None else 0
+        copies = 1 if fmt != "adapter" or self.base.ships else 0
         return model_bytes * copies + adapter_bytes
 
     def _manifest_info(self, kind: str, fmt: str, parts: dict[str, str], serve: ServeSpec,
@@ -340,7 +340,8 @@ class _Exporter:
                 "checkpoint": run.checkpoint,
             },
             "base_model": run.cfg.model.name,
-            "base_model_served": self.base.serve_name or "built-in tiny model (written to base/)",
+            "base_model_served": (self.base.serve_name
+                                  or self.base.describe(written=parts.get("model") == "base")),
             "dtype": DTYPE_NAMES[self.dtype],
             "ranks": {
                 "method_rank": run.cfg.method.rank,
@@ -354,6 +355,14 @@ class _Exporter:
         }
         if self.quant:
             info["quantised_base"] = self.quant
+        if self.base.gguf is not None:
+            from pesocli.hashing import sha256
+
+            info["base_dequantised_from"] = {
+                "gguf_file": str(self.base.gguf),
+                "sha256": sha256(self.base.gguf),
+                "dtype": DTYPE_NAMES[export_dtype("auto", run.model)],
+            }
         if fit is not None:
             info["ranks"].update(exact_rank=fit.exact_rank, adapter_r=fit.rank, lossy=fit.lossy,
                                  max_layer_error=fit.max_error)
@@ -373,7 +382,7 @@ class _Exporter:
             notes = f"`--max-lora-rank {fit.rank}` is the adapter's rank (one of vLLM's allowed values)."
         elif fmt == "adapter":
             title = "peso export: one LoRA adapter on the untouched base"
-            base_line = (f"- `{out / 'base'}`: the built-in tiny base model (it exists only in code)."
+            base_line = (f"- `{out / 'base'}`: {self.base.describe(written=False)}, as a model folder."
                          if "model" in parts else f"- base model: `{self.base.serve_name}` (untouched).")
             layout = (f"- `{out}`: one PEFT LoRA stacking the anchor and the final adapter (exact rank "
                       f"{fit.exact_rank}, written as rank {fit.rank}).\n{base_line}")
@@ -388,6 +397,9 @@ class _Exporter:
                      else "peso export: merged model")
             layout = f"- `{out}`: one dense model folder holding {what}."
             notes = "No LoRA: serve it like any model."
+        if self.base.gguf is not None:
+            notes += (f"\n\n`W0` is the base dequantised from `{self.base.gguf}` (the weights the run "
+                      "trained on), written as plain safetensors: no GGUF reader is needed to serve it.")
         if self.quant:
             q = self.quant
             notes += (f"\n\nThe run trained on a {q['quant']} (bitsandbytes) base. `W0` here is "
@@ -427,17 +439,33 @@ class _Base:
     """The untouched base model: where its files are and what ``vllm serve`` should be given."""
 
     path: Path | None
-    """Its folder (tokenizer files, config); ``None`` for the built-in tiny model."""
+    """Its folder, whose tokenizer files are copied verbatim; ``None`` when the base exists only in
+    memory (the tiny model, a GGUF file): the tokenizer in memory is saved instead."""
     serve_name: str | None
-    """Absolute folder or Hugging Face id for ``vllm serve``; ``None`` for the tiny model."""
+    """Absolute folder or Hugging Face id for ``vllm serve``; ``None`` when the base exists only in memory."""
+    gguf: Path | None = None
+    """The ``.gguf`` file the base was dequantised from."""
+
+    @property
+    def ships(self) -> bool:
+        """The ``adapter`` format must write the base itself (to ``OUT/base``): nothing to point vLLM at."""
+        return self.serve_name is None
+
+    def describe(self, *, written: bool) -> str:
+        """What the base is, for a base without a folder of its own (``written``: it is in ``base/``)."""
+        what = (f"the base dequantised from {self.gguf}" if self.gguf is not None
+                else "the built-in tiny base model (it exists only in code)")
+        return f"{what} (written to base/)" if written else what
 
 
 def _base_model(run: LoadedRun) -> _Base:
     from pesocli.models import resolve_model
 
-    resolved = resolve_model(run.cfg.model.name)
+    resolved = resolve_model(run.cfg.model.name, gguf_file=run.cfg.model.gguf_file)
     if resolved.kind == "tiny":
         return _Base(None, None)
+    if resolved.kind == "gguf":
+        return _Base(None, None, resolved.gguf_path)
     if resolved.kind == "hub_cache":
         return _Base(resolved.path, resolved.repo_id)
     return _Base(resolved.path, str(resolved.path))
