@@ -9,7 +9,10 @@ step count) until someone changes its state. Methods touch that state only throu
 ``beta2`` warm-up (D.2): after a restart at update ``t_r`` the tensor uses
 ``beta2(t) = b_min + (b_final - b_min) (1 - cos(pi (t - t_r) / T)) / 2`` for
 ``t_r <= t <= t_r + T`` and ``b_final`` (the group's ``beta2``) afterwards. Bias correction keeps
-``1 - b_final^t`` as Algorithm 5 lines 14-15 write it.
+``1 - b_final^t`` as Algorithm 5 lines 14-15 write it, unless the warm-up is ``tracked``: then it is
+the EMA's real weight ``1 - prod beta2(t)`` (:meth:`PesoAdamW.set_beta2_warmup`). Early in a run
+(``t << 1 / (1 - b_final)``) the two differ a lot: an EMA filled at ``beta2 = 0.95`` divided by
+``1 - 0.999^t`` is ``1 / (1 - 0.999^t)`` times too large (17x at ``t = 60``).
 """
 
 from __future__ import annotations
@@ -71,17 +74,39 @@ class PesoAdamW(torch.optim.Optimizer):
         """Forget ``param``'s moments, step count and ``beta2`` schedule (a fresh start)."""
         self.state.pop(param, None)
 
-    def set_beta2_warmup(self, param: torch.Tensor, window: int, beta2_min: float) -> None:
-        """Start a ``beta2`` cosine warm-up from ``beta2_min`` at ``param``'s next update."""
+    def set_beta2_warmup(
+        self, param: torch.Tensor, window: int, beta2_min: float, *, tracked: bool = False
+    ) -> None:
+        """Start a ``beta2`` cosine warm-up from ``beta2_min`` at ``param``'s next update.
+
+        ``tracked``: from now on ``param``'s second-moment bias correction is the weight its EMA
+        actually has, ``w <- beta2(t) w + (1 - beta2(t))`` (``1 - prod beta2(t)``), starting from
+        ``1 - beta2_final^t``; without it the correction stays ``1 - beta2_final^t`` (Algorithm 5).
+        The two agree while ``beta2`` is constant.
+        """
         state = self._state(param)
         state["beta2_start"] = int(state["step"]) + 1
         state["beta2_window"] = int(window)
         state["beta2_min"] = float(beta2_min)
+        if tracked and "v_weight" not in state:
+            state["v_weight"] = 1.0 - self._group(param)["betas"][1] ** int(state["step"])
+
+    def bias_corrections(self, param: torch.Tensor) -> tuple[float, float]:
+        """``(1 - beta1^t, second-moment correction)`` of ``param``'s last update ``t`` (see above).
+
+        ``exp_avg / c1`` and ``exp_avg_sq / c2`` are the moments its next update builds on.
+        """
+        state = self._state(param)
+        beta1, beta2_final = self._group(param)["betas"]
+        update = int(state["step"])
+        return 1.0 - beta1**update, float(state.get("v_weight", 1.0 - beta2_final**update))
+
+    def _group(self, param: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
 
     def beta2_at(self, param: torch.Tensor, update: int) -> float:
         """The ``beta2`` that ``param``'s update number ``update`` (1-based) uses."""
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        return self._beta2(self._state(param), group["betas"][1], update)
+        return self._beta2(self._state(param), self._group(param)["betas"][1], update)
 
     @staticmethod
     def _beta2(state: dict, beta2_final: float, update: int) -> float:
@@ -117,7 +142,11 @@ class PesoAdamW(torch.optim.Optimizer):
                 exp_avg.lerp_(grad, 1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 bias_correction1 = 1.0 - beta1**update
-                bias_correction2_sqrt = math.sqrt(1.0 - beta2_final**update)
+                if "v_weight" in state:  # tracked: the weight the EMA really has (set_beta2_warmup)
+                    state["v_weight"] = beta2 * state["v_weight"] + (1.0 - beta2)
+                    bias_correction2_sqrt = math.sqrt(state["v_weight"])
+                else:
+                    bias_correction2_sqrt = math.sqrt(1.0 - beta2_final**update)
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                 param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return loss

@@ -204,3 +204,38 @@ def test_set_step_count_numbers_the_next_update_for_bias_correction():
     restored = PesoAdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0)
     restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # the count is ordinary state
     assert restored.step_count(param) == 5
+
+
+def test_tracked_warmup_corrects_by_the_weight_the_ema_really_has():
+    """``tracked``: the second-moment correction is ``1 - prod beta2(t)`` (FP64 reference over a warm-up
+    and after it), so an EMA refilled at a low ``beta2`` is not divided by the small ``1 - beta2_final^t``;
+    untracked, the same trajectory keeps ``1 - beta2_final^t`` and takes much shorter steps."""
+    lr, beta1, beta2 = 0.01, 0.9, 0.999
+    torch.manual_seed(0)
+    grads = [torch.randn(5, dtype=torch.float64) for _ in range(14)]
+
+    def run(tracked: bool) -> tuple[torch.Tensor, PesoAdamW, torch.nn.Parameter]:
+        param = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        optimizer = PesoAdamW([param], lr=lr, betas=(beta1, beta2), eps=1e-12, weight_decay=0.0)
+        for t, grad in enumerate(grads, start=1):
+            if t == 4:
+                optimizer.set_beta2_warmup(param, window=6, beta2_min=0.95, tracked=tracked)
+            param.grad = grad.clone()
+            optimizer.step()
+        return param.detach().clone(), optimizer, param
+
+    # reference: Adam with the beta2 schedule and the EMA weight w <- b w + (1 - b)
+    x, m, v, w = torch.zeros(5, dtype=torch.float64), 0.0, 0.0, 0.0
+    for t, grad in enumerate(grads, start=1):
+        b = beta2 if t < 4 else 0.95 + (beta2 - 0.95) * 0.5 * (1 - math.cos(math.pi * min(t - 4, 6) / 6))
+        m = beta1 * m + (1 - beta1) * grad
+        v = b * v + (1 - b) * grad * grad
+        w = b * w + (1 - b)
+        x = x - lr * (m / (1 - beta1**t)) / ((v / w).sqrt() + 1e-12)
+    tracked, optimizer, param = run(True)
+    torch.testing.assert_close(tracked, x, rtol=1e-10, atol=1e-12)
+    c1, c2 = optimizer.bias_corrections(param)
+    assert c1 == pytest.approx(1 - beta1**14) and c2 == pytest.approx(w)
+    assert c2 > 10 * (1 - beta2**14)  # the warm-up filled the EMA: its weight is far above 1 - 0.999^14
+    untracked, _, _ = run(False)
+    assert float((untracked - x).abs().max()) > 0.01 * float(x.abs().max())

@@ -273,6 +273,34 @@ def test_rms_rescale_from_the_first_post_restart_gradient(factors):
     close(optimizer.moments(delta.lora_A)[1], snapshot[1])
 
 
+def test_bias_corrected_rescale_sizes_the_moments_adam_reads():
+    """``bias_correction: tracked``: after D.2, ``m / c1`` and ``v / c2`` (what AdamW divides by) have
+    the RMS of ``g`` and ``g^2``; the paper's rescale sizes the raw moments instead, so early in a run
+    ``v / c2`` is ``1 / c2`` times ``g^2`` and the next step is ``sqrt(c2)`` times shorter."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(6, 4))
+    optimizer = PesoAdamW([param], lr=1e-2)
+    for _ in range(20):
+        param.grad = torch.randn(6, 4)
+        optimizer.step()
+    optimizer.set_beta2_warmup(param, window=5, beta2_min=0.95, tracked=True)
+    grad = torch.randn(6, 4) * 0.3
+    rescale_moments(optimizer, param, grad, bias_corrected=True)
+    c1, c2 = optimizer.bias_corrections(param)
+    m, v = optimizer.moments(param)
+    g = float(grad.pow(2).mean().sqrt())
+    assert rms(m / c1) == pytest.approx(g, rel=1e-5)
+    assert rms(v / c2) == pytest.approx(g * g, rel=1e-5)
+    assert c2 == pytest.approx(1 - 0.999**20)
+    rescale_moments(optimizer, param, grad)  # the paper's: the raw v, so v / c2 is 1 / c2 too large
+    assert rms(optimizer.moments(param)[1] / c2) == pytest.approx(g * g / c2, rel=1e-5)
+
+
+def test_bias_correction_key_is_validated():
+    assert any("bias_correction" in e for e in PesoRConfig(bias_correction="both").validate())
+    assert not PesoRConfig(bias_correction="tracked").validate()
+
+
 def test_rescale_leaves_zero_moments_alone():
     param = nn.Parameter(torch.randn(4))
     optimizer = PesoAdamW([param])

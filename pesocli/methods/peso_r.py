@@ -23,6 +23,13 @@ paper factors ``A = sqrt(s) lora_B (out, r)``, ``B = sqrt(s) lora_A (r, in)`` an
    gradient and then clipping would leave ``v`` too hot by the clip factor squared).
 
 Deviations, each a switch:
+- ``bias_correction``: Algorithm 5 divides ``v`` by ``1 - beta2^k`` at every step ``k``, and D.2
+  rescales the raw ``v`` to ``||g||^2`` and refills it at ``beta2 = 0.95``. Both make the raw ``v``
+  a full-weight average of ``g^2``, which the ``1 - 0.999^k`` correction then inflates by
+  ``1 / (1 - 0.999^k)``: 17x at ``k = 60``, 1.6x at ``k = 1000``. In the paper's long runs the
+  factor is near 1; in a run of a few hundred steps every restart cuts the step by
+  ``sqrt(1 - 0.999^k)`` (4x at ``k = 60``) for the rest of the run. ``paper`` keeps Algorithm 5;
+  ``tracked`` sizes the bias-corrected moments and corrects by the weight the EMA really has.
 - ``orthonormal_ema`` (default on): ``U_ema``/``V_ema`` are replaced by their nearest
   orthonormal matrices (polar factor). The paper's EMA of two orthonormal bases is not
   orthonormal, so ``U_ema^T (A B) V_ema`` would not be a projection. Off = as written.
@@ -74,6 +81,12 @@ class PesoRConfig(LoRAOneConfig):
     """Rotate first moments into the new bases (D.1)."""
     rescale_moments: bool = True
     """RMS-rescale moments from the first post-restart gradient (D.2)."""
+    bias_correction: str = "paper"
+    """How D.2 meets Adam's bias correction. ``paper``: the raw moments are rescaled
+    (``v <- (||g||^2 / ||v||) v``) and the correction stays ``1 - beta2_final^t`` through the ``beta2``
+    warm-up (Algorithm 5 lines 14-15). ``tracked``: the rescale sizes the *bias-corrected* moments to
+    the gradient, and the correction follows the ``beta2`` actually used (``1 - prod beta2(t)``);
+    see the module docstring for why the two differ early in a run."""
 
     def validate(self) -> list[str]:
         errors = super().validate()
@@ -85,6 +98,8 @@ class PesoRConfig(LoRAOneConfig):
             errors.append(f"method.gamma_later must be > 0 (got {self.gamma_later})")
         if not 0.0 < self.beta2_min < 1.0:
             errors.append(f"method.beta2_min must be in (0, 1) (got {self.beta2_min})")
+        if self.bias_correction not in ("paper", "tracked"):
+            errors.append(f"method.bias_correction must be paper or tracked (got {self.bias_correction!r})")
         if self.anchor_update not in ("continuous", "paper"):
             errors.append(f"method.anchor_update must be continuous or paper (got {self.anchor_update!r})")
         return errors
@@ -199,7 +214,8 @@ class PesoR(LoRA):
                 m_a, _ = opt.moments(delta.lora_A)  # lora_A is the paper's B: m_B <- T_B^T m_B
                 m_a.copy_(aligned.rotate_b.T.to(m_a.dtype) @ m_a)
             for param in (delta.lora_A, delta.lora_B):
-                opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min)
+                opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
+                                     tracked=c.bias_correction == "tracked")
             u, s, _ = negated_top_r(estimate, c.rank)
             # what the restart explores: the old adapter subspace vs the new gradient's top-r subspace;
             # the adapter itself turns only part of the way (tau1), recorded as adapter_rotation_deg
@@ -230,7 +246,8 @@ class PesoR(LoRA):
             for param in (layer.delta.lora_A, layer.delta.lora_B):
                 if param.grad is None:
                     continue
-                rescale_moments(optimizer, param, param.grad)
+                rescale_moments(optimizer, param, param.grad,
+                                bias_corrected=self.config.bias_correction == "tracked")
 
     def state_dict(self) -> dict:
         return {"restarts_done": self.restarts_done, "rescale_pending": self.rescale_pending}
@@ -240,14 +257,23 @@ class PesoR(LoRA):
         self.rescale_pending = bool(state["rescale_pending"])
 
 
-def rescale_moments(optimizer, param: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+def rescale_moments(
+    optimizer, param: torch.Tensor, grad: torch.Tensor, *, bias_corrected: bool = False
+) -> tuple[float, float]:
     """D.2: ``v <- (||g||^2 / ||v||) v`` and ``m <- (||g|| / ||m||) m`` with RMS norms.
 
+    ``bias_corrected``: size the moments the optimizer reads, ``m / c1`` and ``v / c2``
+    (:meth:`~pesocli.optim.PesoAdamW.bias_corrections`), to ``g`` instead of the raw ones; with
+    ``c1, c2 < 1`` (any run shorter than ``1 / (1 - beta2)`` steps) the raw rescale leaves ``v / c2``
+    ``1 / c2`` times larger than ``g^2``, i.e. steps ``sqrt(c2)`` times too short.
     Returns the factors ``(s_m, s_v)`` (1.0 where a moment is zero and is left alone).
     """
     m, v = optimizer.moments(param)
+    c1, c2 = optimizer.bias_corrections(param) if bias_corrected else (1.0, 1.0)
+    if c1 <= 0 or c2 <= 0:  # no update yet: nothing to correct
+        c1, c2 = 1.0, 1.0
     g = rms(grad)
-    rm, rv = rms(m), rms(v)
+    rm, rv = rms(m) / c1, rms(v) / c2
     s_m = g / rm if rm > 0 and math.isfinite(g / rm) else 1.0
     s_v = g * g / rv if rv > 0 and math.isfinite(g * g / rv) else 1.0
     m.mul_(s_m)
