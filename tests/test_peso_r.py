@@ -273,6 +273,20 @@ def test_rms_rescale_from_the_first_post_restart_gradient(factors):
     close(optimizer.moments(delta.lora_A)[1], snapshot[1])
 
 
+def test_keep_ratio_split_keeps_the_product_and_the_old_factor_ratio(factors):
+    """``factor_split: keep-ratio``: the same ``A_new B_new`` as the paper's balanced split, with
+    ``||A_new|| / ||B_new||`` the old adapter's ratio (balanced: 1)."""
+    a, b, g = factors
+    a = a * 3.0  # an unbalanced adapter, as LoRA's training leaves it
+    balanced = align_restart(a, b, DenseGradient(g), PesoRConfig())
+    kept = align_restart(a, b, DenseGradient(g), PesoRConfig(factor_split="keep-ratio"))
+    close(kept.a_new @ kept.b_new, balanced.a_new @ balanced.b_new)
+    assert float(balanced.a_new.norm() / balanced.b_new.norm()) == pytest.approx(1.0, rel=1e-4)
+    assert float(kept.a_new.norm() / kept.b_new.norm()) == pytest.approx(float(a.norm() / b.norm()), rel=1e-4)
+    close(kept.absorb_up @ kept.absorb_down, balanced.absorb_up @ balanced.absorb_down)
+    assert any("factor_split" in e for e in PesoRConfig(factor_split="even").validate())
+
+
 def test_bias_corrected_rescale_sizes_the_moments_adam_reads():
     """``bias_correction: tracked``: after D.2, ``m / c1`` and ``v / c2`` (what AdamW divides by) have
     the RMS of ``g`` and ``g^2``; the paper's rescale sizes the raw moments instead, so early in a run

@@ -23,6 +23,12 @@ paper factors ``A = sqrt(s) lora_B (out, r)``, ``B = sqrt(s) lora_A (r, in)`` an
    gradient and then clipping would leave ``v`` too hot by the clip factor squared).
 
 Deviations, each a switch:
+- ``factor_split``: the balanced split gives both new factors the norm ``sqrt(||S_new||_*)``. LoRA's
+  ``lora_A`` keeps about its init norm ``sqrt(r / 3)`` while ``lora_B`` grows from 0, so a small
+  adapter product split evenly has factors several times smaller than LoRA's; under Adam (which
+  moves every entry by about ``lr``) the product then moves that many times slower, and the
+  moments, sized for the old factors' gradients, no longer match. ``keep-ratio`` keeps the old
+  adapter's ``||A|| / ||B||`` (the product is the same); ``balanced`` is the paper.
 - ``bias_correction``: Algorithm 5 divides ``v`` by ``1 - beta2^k`` at every step ``k``, and D.2
   rescales the raw ``v`` to ``||g||^2`` and refills it at ``beta2 = 0.95``. Both make the raw ``v``
   a full-weight average of ``g^2``, which the ``1 - 0.999^k`` correction then inflates by
@@ -81,6 +87,10 @@ class PesoRConfig(LoRAOneConfig):
     """Rotate first moments into the new bases (D.1)."""
     rescale_moments: bool = True
     """RMS-rescale moments from the first post-restart gradient (D.2)."""
+    factor_split: str = "balanced"
+    """How ``S_new`` is split into factors (D.1). ``balanced``: ``A_new = U_ema R_L Sigma^1/2``,
+    ``B_new = Sigma^1/2 R_R^T V_ema^T`` (the paper). ``keep-ratio``: the same product with
+    ``||A_new|| / ||B_new||`` equal to the old adapter's ``||A|| / ||B||`` (see the module docstring)."""
     bias_correction: str = "paper"
     """How D.2 meets Adam's bias correction. ``paper``: the raw moments are rescaled
     (``v <- (||g||^2 / ||v||) v``) and the correction stays ``1 - beta2_final^t`` through the ``beta2``
@@ -98,6 +108,8 @@ class PesoRConfig(LoRAOneConfig):
             errors.append(f"method.gamma_later must be > 0 (got {self.gamma_later})")
         if not 0.0 < self.beta2_min < 1.0:
             errors.append(f"method.beta2_min must be in (0, 1) (got {self.beta2_min})")
+        if self.factor_split not in ("balanced", "keep-ratio"):
+            errors.append(f"method.factor_split must be balanced or keep-ratio (got {self.factor_split!r})")
         if self.bias_correction not in ("paper", "tracked"):
             errors.append(f"method.bias_correction must be paper or tracked (got {self.bias_correction!r})")
         if self.anchor_update not in ("continuous", "paper"):
@@ -137,6 +149,9 @@ def align_restart(a: torch.Tensor, b: torch.Tensor, estimate, cfg: PesoRConfig) 
     s_old = (u_ema.T @ a) @ (b @ v_ema)
     s_grad = -estimate.project(u_ema, v_ema) / cfg.gamma_later
     left, right = balanced_split(cfg.tau2 * s_old + (1 - cfg.tau2) * s_grad)
+    if cfg.factor_split == "keep-ratio":  # ||A_new|| / ||B_new|| = ||A|| / ||B||, same product
+        ratio = math.sqrt(float(a.norm()) / float(b.norm()))
+        left, right = left * ratio, right / ratio
     if cfg.anchor_update == "paper":
         absorb_up, absorb_down = a, b
     else:
