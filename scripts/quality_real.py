@@ -195,6 +195,52 @@ def prepare_data(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 
 # ---- one job (runs in its own process) ------------------------------------------------------------
 
+def job_overrides(spec: dict) -> dict[str, object]:
+    """The config overrides of one run (on top of the config defaults: no YAML)."""
+    job = Job(**spec["job"])
+    task_settings = {
+        "facts": {"data.template": "plain", "data.max_length": 48},
+        "pystdlib": {"data.max_length": 96},
+    }[job.task]
+    overrides = {
+        "model.name": spec["model"],
+        "data.path": spec["paths"][job.task]["train"],
+        "method.name": job.method,
+        "method.rank": job.rank,
+        "method.alpha": 2.0 * job.rank,
+        "optim.lr": job.lr,
+        "optim.warmup_ratio": 0.03,
+        "optim.max_grad_norm": 1.0,
+        "train.seed": job.seed,
+        "train.max_steps": job.steps,
+        "train.batch_size": job.batch_size,
+        "train.log_every": 1,
+        "train.export": ("none",),
+        "train.output_dir": str(Path(spec["out"]) / "runs"),
+        "train.run_name": job.name,
+        "train.overwrite": True,
+        "train.quiet": True,
+        "train.device": "cpu",
+        "checkpoint.every": 0,
+        **task_settings,
+    }
+    if job.method in ("peso-r", "relora", "galore", "rac-lora"):
+        overrides["method.restart_every"] = job.restart_every
+    overrides.update(job.extra)
+    return overrides
+
+
+def config_key(spec: dict) -> str:
+    """A short hash of the run's fully resolved config: a cached result is reused only if it matches
+    (a changed default of a method is a new run)."""
+    import hashlib
+
+    from pesocli.config import config_to_dict, load_config
+
+    resolved = config_to_dict(load_config(None, job_overrides(spec)))
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def run_job(spec: dict) -> dict:
     """Train one run with ``peso train``'s code, evaluate it with ``peso eval``'s; returns the result."""
     from rich.console import Console
@@ -207,35 +253,7 @@ def run_job(spec: dict) -> dict:
     job = Job(**spec["job"])
     paths = spec["paths"][job.task]
     out = Path(spec["out"]) / "runs"
-    task_settings = {
-        "facts": {"data.template": "plain", "data.max_length": 48},
-        "pystdlib": {"data.max_length": 96},
-    }[job.task]
-    overrides = {
-        "model.name": spec["model"],
-        "data.path": paths["train"],
-        "method.name": job.method,
-        "method.rank": job.rank,
-        "method.alpha": 2.0 * job.rank,
-        "optim.lr": job.lr,
-        "optim.warmup_ratio": 0.03,
-        "optim.max_grad_norm": 1.0,
-        "train.seed": job.seed,
-        "train.max_steps": job.steps,
-        "train.batch_size": job.batch_size,
-        "train.log_every": 1,
-        "train.export": ("none",),
-        "train.output_dir": str(out),
-        "train.run_name": job.name,
-        "train.overwrite": True,
-        "train.quiet": True,
-        "train.device": "cpu",
-        "checkpoint.every": 0,
-        **task_settings,
-    }
-    if job.method in ("peso-r", "relora", "galore", "rac-lora"):
-        overrides["method.restart_every"] = job.restart_every
-    overrides.update(job.extra)
+    overrides = job_overrides(spec)
     started = time.perf_counter()
     cfg = load_config(None, overrides)
     run_training(cfg)
@@ -323,7 +341,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
             add("peso-r", rank, 0)
         for extra, label in args.variants:
             add("peso-r", 8, 0, extra, label)
-    return jobs
+    unique = {job.name: job for job in reversed(jobs)}  # one run per name (the first asked for)
+    return [job for job in jobs if unique[job.name] is job]
 
 
 def parse_variant(text: str) -> tuple[dict[str, object], str]:
@@ -351,10 +370,10 @@ def execute(jobs: list[Job], args: argparse.Namespace, paths: dict, model: Path)
     results_dir.mkdir(parents=True, exist_ok=True)
 
     def one(job: Job) -> dict | None:
-        target = results_dir / f"{job.name}.json"
+        spec = {"job": asdict(job), "paths": paths, "out": str(out), "model": str(model)}
+        target = results_dir / f"{job.name}-{config_key(spec)}.json"
         if target.is_file():
             return json.loads(target.read_text())
-        spec = {"job": asdict(job), "paths": paths, "out": str(out), "model": str(model)}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         started = time.perf_counter()

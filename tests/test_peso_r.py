@@ -140,6 +140,8 @@ def test_align_restart_matches_reference(factors, orthonormal_ema, gamma_later):
 
 # ---- a full restart on a layer with an optimizer -------------------------------------------------
 def _method(**options) -> PesoR:
+    """peso-r on one layer, with the paper's D.2 (moment rescale + beta2 warm-up) unless ``options`` say."""
+    options = {"rescale_moments": True, "beta2_warmup": True, **options}
     config = PesoRConfig(rank=R, alpha=ALPHA, restart_every=9, gamma=2.0, target_modules=("proj",), **options)
     method = PesoR(config)
     method.setup(total_steps=100, steps_per_epoch=100)
@@ -313,6 +315,23 @@ def test_bias_corrected_rescale_sizes_the_moments_adam_reads():
 def test_bias_correction_key_is_validated():
     assert any("bias_correction" in e for e in PesoRConfig(bias_correction="both").validate())
     assert not PesoRConfig(bias_correction="tracked").validate()
+
+
+def test_without_d2_a_restart_leaves_the_second_moments_and_beta2_alone(factors):
+    """``rescale_moments: false`` + ``beta2_warmup: false``: after a restart AdamW goes on with the
+    same ``beta2`` and the same ``v``; only D.1's rotation touches the first moments."""
+    method = _method(rescale_moments=False, beta2_warmup=False)
+    layer, optimizer, g = _trained_state(method, factors)
+    delta = layer.delta
+    v_before = {id(p): optimizer.moments(p)[1].clone() for p in (delta.lora_A, delta.lora_B)}
+    _restart(method, layer, optimizer, g, step=9)
+    for param in (delta.lora_A, delta.lora_B):
+        param.grad = torch.randn_like(param) * 5
+        assert "beta2_start" not in optimizer.state[param]
+        assert optimizer.beta2_at(param, optimizer.step_count(param) + 1) == pytest.approx(0.999)
+    method.before_update({"proj": layer}, optimizer, step=9)
+    for param in (delta.lora_A, delta.lora_B):
+        close(optimizer.moments(param)[1], v_before[id(param)])
 
 
 def test_rescale_leaves_zero_moments_alone():

@@ -75,8 +75,11 @@ class PesoRConfig(LoRAOneConfig):
     """EMA weight of the old bases (Appendix D.1)."""
     tau2: float = 0.9
     """EMA weight of the old adapter's scaling (Appendix D.1)."""
+    beta2_warmup: bool = True
+    """Lower ``beta2`` to ``beta2_min`` after each restart and warm it back up over ``beta2_window``
+    updates (D.2)."""
     beta2_min: float = 0.95
-    """``beta2`` right after a restart (D.2)."""
+    """``beta2`` right after a restart (D.2, with ``beta2_warmup``)."""
     beta2_window: int | None = None
     """``beta2`` warm-up length ``T`` (default ``floor(K / 3)``)."""
     anchor_update: str = "continuous"
@@ -229,8 +232,9 @@ class PesoR(LoRA):
                 m_a, _ = opt.moments(delta.lora_A)  # lora_A is the paper's B: m_B <- T_B^T m_B
                 m_a.copy_(aligned.rotate_b.T.to(m_a.dtype) @ m_a)
             for param in (delta.lora_A, delta.lora_B):
-                opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
-                                     tracked=c.bias_correction == "tracked")
+                if c.beta2_warmup:
+                    opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
+                                         tracked=c.bias_correction == "tracked")
             u, s, _ = negated_top_r(estimate, c.rank)
             # what the restart explores: the old adapter subspace vs the new gradient's top-r subspace;
             # the adapter itself turns only part of the way (tau1), recorded as adapter_rotation_deg
