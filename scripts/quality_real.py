@@ -238,7 +238,8 @@ def config_key(spec: dict) -> str:
     from pesocli.config import config_to_dict, load_config
 
     resolved = config_to_dict(load_config(None, job_overrides(spec)))
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    resolved["train"].pop("run_name")  # the same config under another label is the same run
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_job(spec: dict) -> dict:
@@ -337,22 +338,26 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 add(method, 8, 0)
             if method == "peso-t":  # Algorithm 6 (sequential, the default) and the cheaper order
                 add(method, 8, 0, {"method.update_order": "simultaneous"}, "peso-t simultaneous")
-        for rank in (2, 4):
-            add("peso-r", rank, 0)
-        for extra, label in args.variants:
-            add("peso-r", 8, 0, extra, label)
+        if task in args.rank_tasks:
+            for rank in (2, 4):
+                add("peso-r", rank, 0)
+        for extra, label, tasks in args.variants:
+            if task in tasks:
+                add("peso-r", 8, 0, extra, label)
     unique = {job.name: job for job in reversed(jobs)}  # one run per name (the first asked for)
     return [job for job in jobs if unique[job.name] is job]
 
 
-def parse_variant(text: str) -> tuple[dict[str, object], str]:
-    """``"label:key=value,key=value"`` -> ``({key: value}, label)`` (peso-r r=8 seed 0 with overrides)."""
-    label, _, body = text.partition(":")
+def parse_variant(text: str) -> tuple[dict[str, object], str, tuple[str, ...]]:
+    """``"[task,task/]label:key=value,key=value"`` -> ``({key: value}, label, tasks)``: a peso-r r=8
+    seed-0 run with config overrides, on the tasks named before ``/`` (default: every task)."""
+    head, _, body = text.partition(":")
+    tasks, _, label = head.rpartition("/")
     extra = {}
     for item in body.split(","):
         key, _, value = item.partition("=")
         extra[key.strip()] = _value(value.strip())
-    return extra, label
+    return extra, label, tuple(tasks.split(",")) if tasks else TASKS
 
 
 def _value(text: str) -> object:
@@ -371,9 +376,9 @@ def execute(jobs: list[Job], args: argparse.Namespace, paths: dict, model: Path)
 
     def one(job: Job) -> dict | None:
         spec = {"job": asdict(job), "paths": paths, "out": str(out), "model": str(model)}
-        target = results_dir / f"{job.name}-{config_key(spec)}.json"
+        target = results_dir / f"{config_key(spec)}.json"
         if target.is_file():
-            return json.loads(target.read_text())
+            return {**json.loads(target.read_text()), "job": asdict(job)}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         started = time.perf_counter()
@@ -501,13 +506,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["lora", "peso-r", "lora-one", "peso-t", "lorsum-scaled", "galore",
                                  "rac-lora", "relora"])
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V,...",
+    parser.add_argument("--variant", action="append", default=[], metavar="[TASKS/]LABEL:KEY=V,...",
                         help="an extra peso-r r=8 seed-0 run with config overrides (repeatable)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of lora and peso-r (others: 1)")
+    parser.add_argument("--rank-tasks", nargs="*", default=["facts"], choices=TASKS,
+                        help="tasks that also run peso-r at r = 2 and 4 (Table 6's question)")
     parser.add_argument("--facts", type=int, default=40, help="made-up people (4 facts each, 1/4 held out)")
     parser.add_argument("--facts-steps", type=int, default=120)
     parser.add_argument("--facts-batch", type=int, default=8)
-    parser.add_argument("--stdlib-steps", type=int, default=40)
+    parser.add_argument("--stdlib-steps", type=int, default=30)
     parser.add_argument("--stdlib-batch", type=int, default=8)
     parser.add_argument("--stdlib-records", type=int, default=2000)
     parser.add_argument("--chunk-chars", type=int, default=240)

@@ -462,7 +462,7 @@ def test_d2_rescale_reads_the_clipped_gradient_in_the_trainer(tmp_path, monkeypa
     monkeypatch.setattr(PesoAdamW, "step", recording_step)
     overrides = {"train.max_steps": 4, "method.restart_every": 3, "optim.max_grad_norm": 1e-3,
                  "train.batch_size": 4, "data.limit": 32, "data.val_split": 0, "train.export": "none",
-                 "train.log_every": 1}
+                 "train.log_every": 1, "method.rescale_moments": True, "method.beta2_warmup": True}
     result = train_embedded(tmp_path, overrides)
     metrics = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     norms = [json.loads(line)["grad_norm"] for line in metrics]

@@ -35,6 +35,7 @@ REF = {
     "train.max_steps": STEPS, "train.batch_size": 4, "train.grad_accum": 2, "method.restart_every": 7,
     "checkpoint.every": 10, "optim.lr": 1e-2, "train.quiet": True, "train.log_every": 1,
     "data.limit": 64, "data.val_split": 0, "method.dropout": 0.1,
+    "method.rescale_moments": True, "method.beta2_warmup": True,  # the paper's D.2: its state must travel
 }  # fmt: skip
 
 

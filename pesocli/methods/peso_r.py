@@ -23,6 +23,8 @@ paper factors ``A = sqrt(s) lora_B (out, r)``, ``B = sqrt(s) lora_A (r, in)`` an
    gradient and then clipping would leave ``v`` too hot by the clip factor squared).
 
 Deviations, each a switch:
+- D.2 (``rescale_moments``, ``beta2_warmup``) is off by default: measured on a real model, it is
+  what kept the loss from falling after a restart (see the two fields). ``true`` for both is the paper.
 - ``factor_split``: the balanced split gives both new factors the norm ``sqrt(||S_new||_*)``. LoRA's
   ``lora_A`` keeps about its init norm ``sqrt(r / 3)`` while ``lora_B`` grows from 0, so a small
   adapter product split evenly has factors several times smaller than LoRA's; under Adam (which
@@ -75,9 +77,9 @@ class PesoRConfig(LoRAOneConfig):
     """EMA weight of the old bases (Appendix D.1)."""
     tau2: float = 0.9
     """EMA weight of the old adapter's scaling (Appendix D.1)."""
-    beta2_warmup: bool = True
+    beta2_warmup: bool = False
     """Lower ``beta2`` to ``beta2_min`` after each restart and warm it back up over ``beta2_window``
-    updates (D.2)."""
+    updates (D.2). Off by default: see ``rescale_moments``."""
     beta2_min: float = 0.95
     """``beta2`` right after a restart (D.2, with ``beta2_warmup``)."""
     beta2_window: int | None = None
@@ -88,8 +90,12 @@ class PesoRConfig(LoRAOneConfig):
     """Replace the EMA bases by their nearest orthonormal matrices (deviation, see module doc)."""
     rotate_momentum: bool = True
     """Rotate first moments into the new bases (D.1)."""
-    rescale_moments: bool = True
-    """RMS-rescale moments from the first post-restart gradient (D.2)."""
+    rescale_moments: bool = False
+    """RMS-rescale moments from the first post-restart gradient (D.2). Off by default, with
+    ``beta2_warmup``: on SmolLM2-135M (``scripts/quality_real.py``, facts task, docs/BENCHMARKS.md
+    [real-model]) D.2 as written cut exact-match recall from 0.46 to 0.19 (lora: 0.89); each half
+    alone kept it at 0.18-0.21, and sizing the bias-corrected moments (``bias_correction: tracked``)
+    made the steps after a restart unstable (grad-norm spikes, 0.22)."""
     factor_split: str = "balanced"
     """How ``S_new`` is split into factors (D.1). ``balanced``: ``A_new = U_ema R_L Sigma^1/2``,
     ``B_new = Sigma^1/2 R_R^T V_ema^T`` (the paper). ``keep-ratio``: the same product with
