@@ -30,7 +30,8 @@ Deviations, each a switch:
   adapter product split evenly has factors several times smaller than LoRA's; under Adam (which
   moves every entry by about ``lr``) the product then moves that many times slower, and the
   moments, sized for the old factors' gradients, no longer match. ``keep-ratio`` keeps the old
-  adapter's ``||A|| / ||B||`` (the product is the same); ``balanced`` is the paper.
+  adapter's ``||A|| / ||B||`` (the product is the same); ``balanced`` is the paper. peso-r's own
+  factors are balanced from the start (LoRA-One's init), so on SmolLM2-135M the two measured equal.
 - ``bias_correction``: Algorithm 5 divides ``v`` by ``1 - beta2^k`` at every step ``k``, and D.2
   rescales the raw ``v`` to ``||g||^2`` and refills it at ``beta2 = 0.95``. Both make the raw ``v``
   a full-weight average of ``g^2``, which the ``1 - 0.999^k`` correction then inflates by
@@ -99,7 +100,9 @@ class PesoRConfig(LoRAOneConfig):
     factor_split: str = "balanced"
     """How ``S_new`` is split into factors (D.1). ``balanced``: ``A_new = U_ema R_L Sigma^1/2``,
     ``B_new = Sigma^1/2 R_R^T V_ema^T`` (the paper). ``keep-ratio``: the same product with
-    ``||A_new|| / ||B_new||`` equal to the old adapter's ``||A|| / ||B||`` (see the module docstring)."""
+    ``||A_new|| / ||B_new||`` equal to the old adapter's ``||A|| / ||B||`` (see the module docstring).
+    Measured on SmolLM2-135M: the same recall to the last digit as ``balanced`` (peso-r's factors start
+    balanced from LoRA-One's init and Adam keeps them so), so the default stays the paper's."""
     bias_correction: str = "paper"
     """How D.2 meets Adam's bias correction. ``paper``: the raw moments are rescaled
     (``v <- (||g||^2 / ||v||) v``) and the correction stays ``1 - beta2_final^t`` through the ``beta2``
