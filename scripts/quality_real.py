@@ -9,24 +9,27 @@ Tasks (generated or read on any machine, nothing downloaded):
 - ``facts`` (capacity): ``--facts`` made-up people, each with four made-up attributes (home town,
   trade, pet's name, favourite dish) drawn from pools of invented words, as ``plain``-template alpaca
   records (``"Where was Dorvin Kale born?\\n"`` -> ``"Tessaly"``). The model cannot know any of them;
-  the task is to store them, and a rank-``r`` update is the bottleneck. Measured: exact-match recall
-  (greedy) of the trained questions, and perplexity of the answers. Held out: a quarter of the
-  questions (``held_out``: other people's answers come from the same pools) must stay at chance,
-  which shows that recall is memory and not a guessable pattern.
+  the task is to store them in a low-rank update within a fixed number of steps. Measured:
+  exact-match recall (greedy) of the trained questions, and perplexity of the answers. Held out:
+  every fourth person's facts (answers from the same pools) must stay at chance, which shows that
+  recall is memory and not a guessable pattern.
 - ``pystdlib`` (domain shift): this Python's standard-library source as ``text`` records of about
   ``--chunk-chars`` characters; modules whose name starts with a-m train, a fixed list of other
   modules (``HELD_OUT_MODULES``) is the held-out set. Measured: held-out perplexity.
 
 Each method runs with the same token budget (steps x batch) and its own learning rate (``LR``); peso-r
-and lora get ``--seeds`` seeds, the others one. Every run is ``peso train``'s own code path
-(``load_config`` + ``run_training``), then ``peso eval``'s (``run_eval``), each in its own process with
-``OMP_NUM_THREADS=1``, ``--jobs`` at a time. Results go to ``--out`` (one ``result.json`` per run;
-runs already there are reused, so an interrupted benchmark continues where it stopped), and the table
-is printed and written to ``--json``; ``--plot`` draws one figure per task.
+and lora get ``--seeds`` seeds, the others one; peso-r also runs at r = 2 and 4 on ``--rank-tasks``
+(Table 6's question) and with each ``--variant`` (an ablation: config overrides of peso-r). Every
+run is ``peso train``'s own code path (``load_config`` + ``run_training``), then ``peso eval``'s
+(``run_eval``), each in its own process with ``OMP_NUM_THREADS=1``, ``--jobs`` at a time. Results
+go to ``--out/results``, one JSON per run named by a hash of its fully resolved config: a run already
+there is reused (an interrupted benchmark continues where it stopped), and a changed default makes a
+new run. The table is printed and written to ``--json``; ``--plot`` draws the loss curves per task
+with the restarts marked.
 
     OMP_NUM_THREADS=1 python scripts/quality_real.py --json docs/figures/quality_real.json \\
-        --plot docs/figures/quality_real.png            # the default (see --help for the budget)
-    OMP_NUM_THREADS=1 python scripts/quality_real.py --quick   # ~10 minutes: lora vs peso-r, 1 seed
+        --plot docs/figures/quality_real.png   # ~60 minutes on 2 cores (30 runs, two at a time)
+    OMP_NUM_THREADS=1 python scripts/quality_real.py --quick   # ~10 minutes: lora vs peso-r, seed 0
 """
 
 from __future__ import annotations
