@@ -319,34 +319,37 @@ def _restart_effects(run_dir: Path, losses: list[tuple[int, float]]) -> list[dic
 # ---- the plan -------------------------------------------------------------------------------------
 
 def plan(args: argparse.Namespace) -> list[Job]:
-    jobs = []
+    """Every run, in the order they start: the seeds of lora and peso-r on every task first, then the
+    other methods, then peso-r's ranks and variants (so a benchmark cut short still compares tasks)."""
+    phases: list[list[Job]] = [[], [], []]
     for task in args.tasks:
         steps, batch = (args.facts_steps, args.facts_batch) if task == "facts" else (args.stdlib_steps,
                                                                                    args.stdlib_batch)
         k = max(steps // (args.restarts + 1), 1)
 
-        def add(method: str, rank: int, seed: int, extra: dict | None = None, label: str = "",
+        def add(phase: int, method: str, rank: int, seed: int, extra: dict | None = None, label: str = "",
                 task: str = task, steps: int = steps, batch: int = batch, k: int = k) -> None:
             lr = LR[method] * args.lr_scale
-            jobs.append(Job(task, method, rank, seed, steps, batch, lr, k, extra or {},
-                            label or f"{method} r={rank}"))
+            phases[phase].append(Job(task, method, rank, seed, steps, batch, lr, k, extra or {},
+                                     label or f"{method} r={rank}"))
 
         for seed in range(args.seeds):
-            add("lora", 8, seed)
-            add("peso-r", 8, seed)
+            add(0, "lora", 8, seed)
+            add(0, "peso-r", 8, seed)
         if args.quick:
             continue
         for method in args.methods:
             if method not in ("lora", "peso-r"):
-                add(method, 8, 0)
+                add(1, method, 8, 0)
             if method == "peso-t":  # Algorithm 6 (sequential, the default) and the cheaper order
-                add(method, 8, 0, {"method.update_order": "simultaneous"}, "peso-t simultaneous")
+                add(1, method, 8, 0, {"method.update_order": "simultaneous"}, "peso-t simultaneous")
         if task in args.rank_tasks:
             for rank in (2, 4):
-                add("peso-r", rank, 0)
+                add(2, "peso-r", rank, 0)
         for extra, label, tasks in args.variants:
             if task in tasks:
-                add("peso-r", 8, 0, extra, label)
+                add(2, "peso-r", 8, 0, extra, label)
+    jobs = [job for phase in phases for job in phase]
     unique = {job.name: job for job in reversed(jobs)}  # one run per name (the first asked for)
     return [job for job in jobs if unique[job.name] is job]
 
