@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import resource
 import signal
@@ -92,16 +93,18 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     # Logits only from the first position any row trains on: an instruction record's prompt needs
     # no vocabulary projection (the lm_head is ~20% of a 135M model's step); the same sum either way.
     first = _first_trained_position(trained)
-    extra = {"logits_to_keep": labels.shape[1] + 1 - first} if first > 0 and _keeps_logits(model) else {}
+    keep = first > 0 and _keeps_logits(type(model))
+    extra = {"logits_to_keep": labels.shape[1] + 1 - first} if keep else {}
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         use_cache=False,  # no KV cache in training (and none under gradient checkpointing)
         **extra,
     ).logits
-    kept = trained[:, labels.shape[1] + 1 - logits.shape[1]:]
+    start = labels.shape[1] + 1 - logits.shape[1]  # the label column of the first kept logit
+    kept = trained[:, start:]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1][kept].float(), labels[:, labels.shape[1] + 1 - logits.shape[1]:][kept], reduction="sum"
+        logits[:, :-1][kept].float(), labels[:, start:][kept], reduction="sum"
     )
 
 
@@ -111,11 +114,14 @@ def _first_trained_position(trained: torch.Tensor) -> int:
     return int(columns[0]) if len(columns) else 0
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s forward takes transformers' ``logits_to_keep`` (all its causal LMs do)."""
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether ``model_class.forward`` takes transformers' ``logits_to_keep`` (all its causal LMs do).
+
+    Asked once per class, not per micro-batch."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def trained_tokens(batches_: list[dict[str, torch.Tensor] | None]) -> int:
