@@ -252,6 +252,7 @@ def run_job(spec: dict) -> dict:
     from pesocli.config import load_config
     from pesocli.evaluate import EvalConfig
     from pesocli.evaluate.runner import run_eval
+    from pesocli.inspect.runlog import read_run_log
     from pesocli.train import run_training
 
     job = Job(**spec["job"])
@@ -278,25 +279,17 @@ def run_job(spec: dict) -> dict:
             out=str(run_dir / "eval-held_out"), batch_size=32), console=console)
         result["ppl_held_out"] = report.value("perplexity")
     result["eval_seconds"] = time.perf_counter() - started - train_seconds
-    result["losses"] = _losses(run_dir)
-    result["restarts"] = _restart_effects(run_dir, result["losses"])
+    log = read_run_log(run_dir)
+    result["losses"] = [(m["step"], m["loss"]) for m in log.metrics if m["loss"] is not None]
+    result["restarts"] = _restart_effects(log.restarts, result["losses"])
     return result
 
 
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-
-
-def _restart_effects(run_dir: Path, losses: list[tuple[int, float]]) -> list[dict]:
+def _restart_effects(restarts: list[dict], losses: list[tuple[int, float]]) -> list[dict]:
     """Per restart step: mean loss of the 5 steps before and of steps +6..+15 after (a real-weight
     restart should not undo progress), with the mean captured energy and principal angle."""
-    path = run_dir / "restarts.jsonl"
-    if not path.is_file():
-        return []
     by_step: dict[int, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in restarts:
         if record.get("kind") == "restart":
             by_step.setdefault(record["step"], []).append(record)
     loss = dict(losses)
