@@ -334,6 +334,35 @@ def test_without_d2_a_restart_leaves_the_second_moments_and_beta2_alone(factors)
         close(optimizer.moments(param)[1], v_before[id(param)])
 
 
+def test_second_moment_rotation_uses_the_squared_rotation(factors):
+    """``rotate_second_moment``: ``v_A <- v_A (T_A o T_A)``, ``v_B <- (T_B o T_B)^T v_B``; ``m`` as D.1."""
+    method = _method(rescale_moments=False, beta2_warmup=False, rotate_second_moment=True)
+    layer, optimizer, g = _trained_state(method, factors)
+    a, b, _ = factors
+    delta = layer.delta
+    m_b, v_b = (t.clone().double() for t in optimizer.moments(delta.lora_B))
+    m_a, v_a = (t.clone().double() for t in optimizer.moments(delta.lora_A))
+    ref = reference_restart(a, b, g)
+    _restart(method, layer, optimizer, g, step=9)
+    close(optimizer.moments(delta.lora_B)[0], m_b @ ref["t_a"])
+    close(optimizer.moments(delta.lora_A)[0], ref["t_b"].T @ m_a)
+    close(optimizer.moments(delta.lora_B)[1], v_b @ ref["t_a"].square())
+    close(optimizer.moments(delta.lora_A)[1], ref["t_b"].square().T @ v_a)
+    assert bool((optimizer.moments(delta.lora_A)[1] >= 0).all())
+
+
+def test_reset_moments_forgets_the_optimizer_state_at_a_restart(factors):
+    """``reset_moments``: Adam starts afresh on the new factors (no moments, step count 0, no D.2)."""
+    method = _method(reset_moments=True)  # D.2 requested too: reset replaces it
+    layer, optimizer, g = _trained_state(method, factors)
+    _restart(method, layer, optimizer, g, step=9)
+    for param in (layer.delta.lora_A, layer.delta.lora_B):
+        assert optimizer.step_count(param) == 0
+        assert float(optimizer.moments(param)[0].abs().sum()) == 0.0
+        assert "beta2_start" not in optimizer.state[param]
+    assert not method.rescale_pending
+
+
 def test_rescale_leaves_zero_moments_alone():
     param = nn.Parameter(torch.randn(4))
     optimizer = PesoAdamW([param])

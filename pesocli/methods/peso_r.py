@@ -91,6 +91,14 @@ class PesoRConfig(LoRAOneConfig):
     """Replace the EMA bases by their nearest orthonormal matrices (deviation, see module doc)."""
     rotate_momentum: bool = True
     """Rotate first moments into the new bases (D.1)."""
+    rotate_second_moment: bool = False
+    """Also carry ``v`` into the new bases, ``v_A <- v_A (T_A o T_A)``, ``v_B <- (T_B o T_B)^T v_B``
+    (``o``: elementwise product), the second moment of ``g T`` if the coordinates of ``g`` were
+    independent. Not in the paper (D.1 rotates ``m`` only and leaves ``v`` in the old coordinates)."""
+    reset_moments: bool = False
+    """Forget both moments of ``A`` and ``B`` at every restart after the first (Adam restarts with its
+    own bias correction, as at step 0); replaces ``rotate_momentum``, ``rotate_second_moment`` and D.2.
+    Not in the paper: a check of whether the carried moments help or hurt after a re-factorisation."""
     rescale_moments: bool = False
     """RMS-rescale moments from the first post-restart gradient (D.2). Off by default, with
     ``beta2_warmup``: on SmolLM2-135M (``scripts/quality_real.py``, facts task, docs/BENCHMARKS.md
@@ -210,7 +218,7 @@ class PesoR(LoRA):
         first = self.restarts_done == 0
         records = [self._restart_layer(ctx, name, layer, first) for name, layer in ctx.layers.items()]
         self.restarts_done += 1
-        self.rescale_pending = not first and self.config.rescale_moments
+        self.rescale_pending = not first and self.config.rescale_moments and not self.config.reset_moments
         return records
 
     def _restart_layer(self, ctx: RestartContext, name: str, layer, first: bool) -> RestartRecord:
@@ -235,13 +243,13 @@ class PesoR(LoRA):
             aligned = align_restart(a, b, estimate, c)
             layer.anchor.absorb(aligned.absorb_up, aligned.absorb_down)
             delta.set_product(aligned.a_new, aligned.b_new)
-            if c.rotate_momentum:
-                m_b, _ = opt.moments(delta.lora_B)  # lora_B is the paper's A: m_A <- m_A T_A
-                m_b.copy_(m_b @ aligned.rotate_a.to(m_b.dtype))
-                m_a, _ = opt.moments(delta.lora_A)  # lora_A is the paper's B: m_B <- T_B^T m_B
-                m_a.copy_(aligned.rotate_b.T.to(m_a.dtype) @ m_a)
+            if c.reset_moments:
+                for param in (delta.lora_A, delta.lora_B):
+                    opt.reset_state(param)
+            else:
+                carry_moments(opt, delta, aligned, first=c.rotate_momentum, second=c.rotate_second_moment)
             for param in (delta.lora_A, delta.lora_B):
-                if c.beta2_warmup:
+                if c.beta2_warmup and not c.reset_moments:
                     opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
                                          tracked=c.bias_correction == "tracked")
             u, s, _ = negated_top_r(estimate, c.rank)
@@ -283,6 +291,23 @@ class PesoR(LoRA):
     def load_state_dict(self, state: dict) -> None:
         self.restarts_done = int(state["restarts_done"])
         self.rescale_pending = bool(state["rescale_pending"])
+
+
+def carry_moments(opt, delta: LoRADelta, aligned: AlignedRestart, *, first: bool, second: bool) -> None:
+    """D.1's moment rotation into the new bases: ``m_A <- m_A T_A``, ``m_B <- T_B^T m_B`` (``first``),
+    and with ``second`` the same map on ``v`` with the squared entries of ``T`` (a second moment stays
+    non-negative). ``lora_B`` (out, r) is the paper's ``A``, ``lora_A`` (r, in) its ``B``."""
+    if not (first or second):
+        return
+    t_a, t_b = aligned.rotate_a, aligned.rotate_b
+    m_b, v_b = opt.moments(delta.lora_B)
+    m_a, v_a = opt.moments(delta.lora_A)
+    if first:
+        m_b.copy_(m_b @ t_a.to(m_b.dtype))
+        m_a.copy_(t_b.T.to(m_a.dtype) @ m_a)
+    if second:
+        v_b.copy_(v_b @ t_a.square().to(v_b.dtype))
+        v_a.copy_(t_b.square().T.to(v_a.dtype) @ v_a)
 
 
 def rescale_moments(
