@@ -341,15 +341,17 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 add(2, "peso-r", rank, 0)
         for extra, label, tasks in args.variants:
             if task in tasks:
-                add(2, "peso-r", 8, 0, extra, label)
+                overrides = {key: value for key, value in extra.items() if key != "method"}
+                add(2, str(extra.get("method", "peso-r")), 8, 0, overrides, label)
     jobs = [job for phase in phases for job in phase]
     unique = {job.name: job for job in reversed(jobs)}  # one run per name (the first asked for)
     return [job for job in jobs if unique[job.name] is job]
 
 
 def parse_variant(text: str) -> tuple[dict[str, object], str, tuple[str, ...]]:
-    """``"[task,task/]label:key=value,key=value"`` -> ``({key: value}, label, tasks)``: a peso-r r=8
-    seed-0 run with config overrides, on the tasks named before ``/`` (default: every task)."""
+    """``"[task,task/]label:key=value,key=value"`` -> ``({key: value}, label, tasks)``: an r=8 seed-0
+    run with config overrides, on the tasks named before ``/`` (default: every task); of peso-r unless
+    a ``method=NAME`` item names another method (its learning rate is then that method's)."""
     head, _, body = text.partition(":")
     tasks, _, label = head.rpartition("/")
     extra = {}
@@ -508,7 +510,8 @@ def main() -> None:
                         default=["lora", "peso-r", "lora-one", "peso-t", "lorsum-scaled", "galore",
                                  "rac-lora", "relora"])
     parser.add_argument("--variant", action="append", default=[], metavar="[TASKS/]LABEL:KEY=V,...",
-                        help="an extra peso-r r=8 seed-0 run with config overrides (repeatable)")
+                        help="an extra r=8 seed-0 run with config overrides, of peso-r unless method=NAME "
+                             "is one of them (repeatable)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of lora and peso-r (others: 1)")
     parser.add_argument("--rank-tasks", nargs="*", default=["facts"], choices=TASKS,
                         help="tasks that also run peso-r at r = 2 and 4 (Table 6's question)")
