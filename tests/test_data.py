@@ -262,8 +262,9 @@ def test_fallback_chat_template():
 
 def test_assistant_content_the_template_rewrites_is_reported():
     bare = _load_tokenizer()
-    bare.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | replace(' ', '_') }}" \
-        "{% endfor %}"
+    bare.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | replace(' ', '_') }}{% endfor %}"
+    )
     with pytest.raises(DataError, match=r"^x:7: the content of turn 2 \(assistant\) does not appear"):
         Encoder(bare, "messages")(Record("x:7", CHAT))
     unmasked = Encoder(bare, "messages", mask_prompt=False)(Record("x:7", CHAT))

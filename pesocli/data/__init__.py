@@ -11,7 +11,7 @@ from pesocli.data.chat import CHAT_FORMATS, Conversation, chat_tokens, conversat
 from pesocli.data.config import FORMATS, DataConfig
 from pesocli.data.encode import IGNORE, Encoder, Example, pack, truncate
 from pesocli.data.records import Record, detect_format, load_records
-from pesocli.data.render import render_example
+from pesocli.data.render import example_preview, render_example
 from pesocli.data.templates import PromptTemplate, load_prompt_template, prompt_template_names
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "conversation",
     "detect_format",
     "epoch_order",
+    "example_preview",
     "load_prompt_template",
     "load_records",
     "num_batches",
