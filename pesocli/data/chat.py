@@ -90,7 +90,11 @@ def render_chat(
 def chat_tokens(
     tokenizer: PreTrainedTokenizerBase, conv: Conversation, *, where: str
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is trained."""
+    """Token ids of the rendered conversation and, per token, whether it is trained.
+
+    Needs a fast tokenizer (offset mapping); a slow one raises a one-line :class:`DataError` naming
+    the record (no fallback: tokenizing turns separately would train on ids inference never sees).
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"{where}: training only on assistant turns needs a fast tokenizer (its offset mapping locates "
