@@ -12,7 +12,17 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from pesocli.cli import main
-from pesocli.data import IGNORE, DataConfig, Encoder, Example, Record, build_datasets, load_records
+from pesocli.data import (
+    IGNORE,
+    DataConfig,
+    Encoder,
+    Example,
+    Record,
+    build_datasets,
+    detect_format,
+    load_records,
+)
+from pesocli.data.records import RECORD_FORMATS
 from pesocli.data.render import example_preview, render_example
 from pesocli.errors import DataError
 from pesocli.models import load_tiny_tokenizer
@@ -140,6 +150,13 @@ def test_format_is_detected_from_the_first_record(tmp_path):
         load_records(path)
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing key 'prompt' \(prompt-completion format\)"):
         load_records(path, "prompt-completion")
+
+
+def test_peso_eval_still_reads_only_its_three_formats():
+    record = Record("d.jsonl:1", SHAREGPT)
+    assert detect_format(record, RECORD_FORMATS) == "sharegpt"
+    with pytest.raises(DataError, match=r"d\.jsonl:1: cannot detect the data format .* or 'messages' \("):
+        detect_format(record)  # the default: what peso eval reads
 
 
 # --- the --dry-run preview -------------------------------------------------------------------------

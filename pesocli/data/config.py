@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pesocli.data.records import RECORD_FORMATS
 from pesocli.data.templates import prompt_template_names
 
-FORMATS = ("auto", "text", "alpaca", "messages", "sharegpt", "prompt-completion")
+FORMATS = ("auto", *RECORD_FORMATS)
 
 
 @dataclass(kw_only=True)

@@ -35,7 +35,7 @@ def load_records(path: str | Path, format: str = "auto") -> tuple[list[Record], 
     """Read and validate all records of a file or folder; returns them and the (detected) format."""
     records = read_records(Path(path))
     if format == "auto":
-        format = detect_format(records[0])
+        format = detect_format(records[0], RECORD_FORMATS)
     for record in records:
         check_record(record, format)
     return records, format
@@ -100,23 +100,32 @@ def _as_record(where: str, obj: Any) -> Record:
     return Record(where=where, data=obj)
 
 
-def detect_format(record: Record) -> str:
-    """``text``, ``alpaca``, ``messages``, ``sharegpt`` or ``prompt-completion``, from one record's keys."""
-    keys = record.data.keys()
-    if "text" in keys:
-        return "text"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "messages" in keys:
-        return "messages"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "prompt" in keys and "completion" in keys:
-        return "prompt-completion"
+RECORD_FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt-completion")
+"""Every format training reads, in detection order."""
+
+_FORMAT_KEYS = {
+    "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt-completion": ("prompt", "completion"),
+}
+"""The keys that identify each format (all of them must be present)."""
+
+
+def detect_format(record: Record, formats: tuple[str, ...] = ("text", "alpaca", "messages")) -> str:
+    """The first of ``formats`` whose keys the record has (see :data:`_FORMAT_KEYS`).
+
+    ``formats`` are those the caller reads: training passes :data:`RECORD_FORMATS`; the default is
+    the three that ``peso eval`` reads, so eval data in another format stays a one-line error there.
+    """
+    for name in formats:
+        if all(key in record.data for key in _FORMAT_KEYS[name]):
+            return name
+    expected = [" and ".join(repr(k) for k in _FORMAT_KEYS[name]) for name in formats]
     raise DataError(
-        f"{record.where}: cannot detect the data format from keys {sorted(keys)}: expected 'text', "
-        "'instruction' and 'output', 'messages', 'conversations', or 'prompt' and 'completion' "
-        "(or set data.format)"
+        f"{record.where}: cannot detect the data format from keys {sorted(record.data)}: expected "
+        f"{', '.join(expected[:-1])}, or {expected[-1]} (or set data.format)"
     )
 
 
