@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pesocli.data import IGNORE, DataConfig, Encoder, Example, Record, build_datasets, render_chat
+from pesocli.data import DataConfig, Encoder, Example, Record, build_datasets, render_chat
 from pesocli.errors import DataError
 
 SPECIALS = [
@@ -174,19 +174,6 @@ def tokenizers():
     return {name: make() for name, make in TOKENIZERS.items()}
 
 
-def trained_runs(example: Example) -> list[list[int]]:
-    """The token ids of each run of consecutive trained labels."""
-    runs: list[list[int]] = []
-    previous = IGNORE
-    for label in example.labels:
-        if label != IGNORE:
-            if previous == IGNORE:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
-
-
 def decode(tokenizer, ids: list[int]) -> str:
     """``ids`` as text, exactly: decoded after BOS so a SentencePiece decoder keeps a leading space."""
     text = tokenizer.decode([tokenizer.bos_token_id, *ids], skip_special_tokens=False)
@@ -196,7 +183,7 @@ def decode(tokenizer, ids: list[int]) -> str:
 def assert_trains_assistant_turns(tokenizer, example: Example, messages: list[dict], style: Style) -> None:
     contents = [m["content"] for m in messages if m["role"] == "assistant"]
     expected = [(c.strip() if style.trims else c) + style.end_of_turn for c in contents]
-    runs = [decode(tokenizer, run) for run in trained_runs(example)]
+    runs = [decode(tokenizer, run) for run in example.trained_runs()]
     # A token that straddles the start of a turn (the template's space or newline fused with the
     # content's first word or leading space: "Ġanswer", "ĊĠ") is trained; only such whitespace may
     # come before the content.
@@ -297,7 +284,7 @@ def test_prompt_completion_trains_the_completion_only(tokenizers) -> None:
     for template in (CHATML.template, GENERATION_CHATML):
         tokenizer.chat_template = template
         example = Encoder(tokenizer, "prompt-completion")(Record("x:1", record))
-        runs = [decode(tokenizer, run) for run in trained_runs(example)]
+        runs = [decode(tokenizer, run) for run in example.trained_runs()]
         assert runs == [MULTI[4]["content"] + "<|im_end|>"]
 
 
@@ -316,7 +303,7 @@ def test_one_character_answer_is_not_found_in_a_role_header(tokenizers) -> None:
     tokenizer.chat_template = LLAMA3.template  # "assistant" contains "a"
     messages = [{"role": "user", "content": "First letter?"}, {"role": "assistant", "content": "a"}]
     example = Encoder(tokenizer, "messages")(Record("x:1", {"messages": messages}))
-    assert [decode(tokenizer, run) for run in trained_runs(example)] == ["a<|eot_id|>"]
+    assert [decode(tokenizer, run) for run in example.trained_runs()] == ["a<|eot_id|>"]
 
 
 # --- the real SmolLM2-135M-Instruct tokenizer and template -------------------------------------------

@@ -66,18 +66,6 @@ def trained_ids(example: Example) -> list[int]:
     return [label for label in example.labels if label != IGNORE]
 
 
-def trained_runs(example: Example) -> list[list[int]]:
-    runs: list[list[int]] = []
-    previous = IGNORE
-    for label in example.labels:
-        if label != IGNORE:
-            if previous == IGNORE:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
-
-
 # --- the shipped tokenizer and data -------------------------------------------------------------
 
 
@@ -246,7 +234,7 @@ def test_plain_template(tok):
 def test_messages_masking(tok):
     ex = Encoder(tok, "messages")(Record("x:1", CHAT))
     assert tok.decode(ex.input_ids) == render_chat(tok, CHAT["messages"])
-    runs = [tok.decode(run) for run in trained_runs(ex)]
+    runs = [tok.decode(run) for run in ex.trained_runs()]
     assert runs == ["2 + 2 = 4<|eos|>", "3 + 3 = 6<|eos|>"]
     unmasked = Encoder(tok, "messages", mask_prompt=False)(Record("x:1", CHAT))
     assert unmasked.num_trained == len(unmasked) - 1  # all but BOS

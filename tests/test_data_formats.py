@@ -13,7 +13,6 @@ from rich.console import Console
 
 from pesocli.cli import main
 from pesocli.data import (
-    IGNORE,
     DataConfig,
     Encoder,
     Example,
@@ -40,15 +39,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def trained_text(tok, example: Example) -> list[str]:
     """Each run of trained tokens, decoded."""
-    runs: list[list[int]] = []
-    previous = IGNORE
-    for label in example.labels:
-        if label != IGNORE:
-            if previous == IGNORE:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return [tok.decode(run) for run in runs]
+    return [tok.decode(run) for run in example.trained_runs()]
 
 
 SHAREGPT = {

@@ -37,6 +37,11 @@ class Example:
     def num_trained(self) -> int:
         return sum(label != IGNORE for label in self.labels)
 
+    def trained_runs(self) -> list[list[int]]:
+        """The token ids of each run of consecutive trained positions, in order."""
+        runs = itertools.groupby(zip(self.input_ids, self.labels, strict=True), key=lambda p: p[1] != IGNORE)
+        return [[token for token, _ in run] for trained, run in runs if trained]
+
 
 @dataclass(frozen=True)
 class Encoder:
