@@ -66,18 +66,6 @@ def trained_ids(example: Example) -> list[int]:
     return [label for label in example.labels if label != IGNORE]
 
 
-def trained_runs(example: Example) -> list[list[int]]:
-    runs: list[list[int]] = []
-    previous = IGNORE
-    for label in example.labels:
-        if label != IGNORE:
-            if previous == IGNORE:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
-
-
 # --- the shipped tokenizer and data -------------------------------------------------------------
 
 
@@ -176,7 +164,7 @@ BAD_JSONL = [
     ('{"messages": [{"role": "user", "content": 1}]}\n', r":1: messages\[0\]: 'content' must be a string"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', r":1: no assistant message"),
     ('{"messages": []}\n', r":1: empty 'messages'"),
-    ('{"prompt": "x", "completion": "y"}\n', r":1: cannot detect the data format"),
+    ('{"question": "x", "answer": "y"}\n', r":1: cannot detect the data format"),
     ("", r": empty file"),
 ]
 
@@ -246,7 +234,7 @@ def test_plain_template(tok):
 def test_messages_masking(tok):
     ex = Encoder(tok, "messages")(Record("x:1", CHAT))
     assert tok.decode(ex.input_ids) == render_chat(tok, CHAT["messages"])
-    runs = [tok.decode(run) for run in trained_runs(ex)]
+    runs = [tok.decode(run) for run in ex.trained_runs()]
     assert runs == ["2 + 2 = 4<|eos|>", "3 + 3 = 6<|eos|>"]
     unmasked = Encoder(tok, "messages", mask_prompt=False)(Record("x:1", CHAT))
     assert unmasked.num_trained == len(unmasked) - 1  # all but BOS
@@ -260,11 +248,15 @@ def test_fallback_chat_template():
     assert (templates_dir() / "chat" / "simple.jinja").is_file()
 
 
-def test_inconsistent_chat_template_is_reported():
+def test_assistant_content_the_template_rewrites_is_reported():
     bare = _load_tokenizer()
-    bare.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(DataError, match="x:7: the chat template does not render conversation prefixes"):
+    bare.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | replace(' ', '_') }}{% endfor %}"
+    )
+    with pytest.raises(DataError, match=r"^x:7: the content of turn 2 \(assistant\) does not appear"):
         Encoder(bare, "messages")(Record("x:7", CHAT))
+    unmasked = Encoder(bare, "messages", mask_prompt=False)(Record("x:7", CHAT))
+    assert unmasked.num_trained == len(unmasked) - 1
 
 
 # --- truncation, packing, val split -------------------------------------------------------------

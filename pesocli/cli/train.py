@@ -5,6 +5,7 @@ This module only parses options; ``pesocli.train.run_training`` does (and prints
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ def _config_options(fn: Any) -> Any:
               help="Set any config key, e.g. --set optim.warmup_ratio=0.1 (repeatable; named options win).")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved config, dataset statistics and the first example, then exit.")
+@click.option("--no-color", is_flag=True,
+              help="No colour in the output (as NO_COLOR=1 does): the --dry-run example marks untrained "
+                   "tokens with [masked]...[/masked], as it does whenever stdout is not a terminal.")
 @click.option("--resume", metavar="RUN|auto",
               help="Continue the run folder RUN exactly from its newest good checkpoint (its config.yaml "
                    "is the base config). 'auto': resume this command's run (--run-name, or the newest "
@@ -97,7 +101,8 @@ def _config_options(fn: Any) -> Any:
                    "may change.")
 @run_command
 def train(
-    config_path: Path | None, settings: dict[str, str], dry_run: bool, resume: str | None, **options: Any
+    config_path: Path | None, settings: dict[str, str], dry_run: bool, no_color: bool, resume: str | None,
+    **options: Any,
 ) -> None:
     """Fine-tune a causal LM. Command-line options override the YAML config, which overrides the defaults.
 
@@ -107,6 +112,8 @@ def train(
     """
     from pesocli.config import embedded_config_path, load_config
 
+    if no_color:
+        os.environ["NO_COLOR"] = "1"  # read by every rich console made later (and by torchrun's processes)
     overrides: dict[str, Any] = dict(settings)
     for name, value in options.items():
         if value is not None and value is not False:  # flags only ever switch a setting on

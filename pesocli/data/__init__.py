@@ -7,27 +7,33 @@ aligned with ``input_ids`` (-100 = not trained); the loss shifts them, as Huggin
 
 from pesocli.data.batching import batches, collate, epoch_order, num_batches
 from pesocli.data.build import DataBundle, DataStats, build_datasets
+from pesocli.data.chat import CHAT_FORMATS, Conversation, chat_tokens, conversation, render_chat
 from pesocli.data.config import FORMATS, DataConfig
-from pesocli.data.encode import IGNORE, Encoder, Example, pack, render_chat, truncate
+from pesocli.data.encode import IGNORE, Encoder, Example, pack, truncate
 from pesocli.data.records import Record, detect_format, load_records
-from pesocli.data.render import render_example
+from pesocli.data.render import example_preview, render_example
 from pesocli.data.templates import PromptTemplate, load_prompt_template, prompt_template_names
 
 __all__ = [
+    "CHAT_FORMATS",
     "FORMATS",
     "IGNORE",
     "DataBundle",
     "DataConfig",
     "DataStats",
+    "Conversation",
     "Encoder",
     "Example",
     "PromptTemplate",
     "Record",
     "batches",
     "build_datasets",
+    "chat_tokens",
     "collate",
+    "conversation",
     "detect_format",
     "epoch_order",
+    "example_preview",
     "load_prompt_template",
     "load_records",
     "num_batches",

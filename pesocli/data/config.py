@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pesocli.data.records import RECORD_FORMATS
 from pesocli.data.templates import prompt_template_names
 
-FORMATS = ("auto", "text", "alpaca", "messages")
+FORMATS = ("auto", *RECORD_FORMATS)
 
 
 @dataclass(kw_only=True)
@@ -19,7 +20,10 @@ class DataConfig:
     (read in sorted order). ``None`` is the shipped ``arith_train.jsonl``."""
     format: str = "auto"
     """``auto`` (detected from the first record), ``text`` (``{"text"}``), ``alpaca``
-    (``{"instruction", "input"?, "output"}``) or ``messages`` (``{"messages": [{"role", "content"}]}``)."""
+    (``{"instruction", "input"?, "output"}``), ``messages`` (``{"messages": [{"role", "content",
+    "name"?}]}``, roles system/user/assistant/tool), ``sharegpt`` (``{"conversations": [{"from",
+    "value"}]}``, from human/gpt/system) or ``prompt-completion`` (TRL's ``{"prompt", "completion"}``:
+    two strings, or two lists of turns)."""
     template: str = "alpaca"
     """Prompt template for alpaca records: a name in ``templates/prompts`` or a path to a ``.json``."""
     max_length: int = 256
@@ -27,7 +31,8 @@ class DataConfig:
     packing: bool = False
     """Concatenate whole examples into blocks of at most ``max_length`` tokens (fewer pad tokens)."""
     mask_prompt: bool = True
-    """Train only on responses (alpaca) or assistant turns (messages); prompts get label -100."""
+    """Train only on responses (alpaca), completions, or assistant turns with their end-of-turn marker
+    (chat formats); prompts, user/system/tool turns get label -100."""
     val_split: float = 0.0
     """Fraction of the records held out (seeded) for the eval loss; 0 holds out nothing."""
     val_path: str | None = None

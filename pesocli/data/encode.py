@@ -6,12 +6,13 @@ Face convention: the loss shifts them by one (``logits[:, :-1]`` predicts ``labe
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pesocli.data.chat import chat_tokens, conversation, render_chat
 from pesocli.data.records import Record
-from pesocli.data.templates import PromptTemplate, fallback_chat_template
-from pesocli.errors import DataError
+from pesocli.data.templates import PromptTemplate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,6 +36,11 @@ class Example:
     @property
     def num_trained(self) -> int:
         return sum(label != IGNORE for label in self.labels)
+
+    def trained_runs(self) -> list[list[int]]:
+        """The token ids of each run of consecutive trained positions, in order."""
+        runs = itertools.groupby(zip(self.input_ids, self.labels, strict=True), key=lambda p: p[1] != IGNORE)
+        return [[token for token, _ in run] for trained, run in runs if trained]
 
 
 @dataclass(frozen=True)
@@ -81,48 +87,32 @@ def _encode_alpaca(enc: Encoder, record: Record) -> Pieces:
     return [(enc.tokenize(prompt), not enc.mask_prompt), (enc.tokenize(response) + enc.eos(), True)]
 
 
-def _encode_messages(enc: Encoder, record: Record) -> Pieces:
-    messages = record.data["messages"]
-    ids = enc.tokenize(render_chat(enc.tokenizer, messages, where=record.where))
+def _encode_chat(enc: Encoder, record: Record) -> Pieces:
+    """``messages``, ``sharegpt`` and conversational ``prompt-completion`` records (see :mod:`.chat`)."""
+    conv = conversation(record, enc.format)
     if not enc.mask_prompt:
-        return [(ids, True)]
-    # Each assistant turn spans from the end of "history + generation prompt" to the end of
-    # "history + this turn"; both prefixes must tokenize to a prefix of the whole conversation.
-    pieces: Pieces = []
-    done = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = enc.tokenize(render_chat(enc.tokenizer, messages[:i], True, where=record.where))
-        end = enc.tokenize(render_chat(enc.tokenizer, messages[: i + 1], where=record.where))
-        if ids[: len(start)] != start or ids[: len(end)] != end or len(start) < done:
-            raise DataError(
-                f"{record.where}: the chat template does not render conversation prefixes consistently, "
-                "so assistant turns cannot be located; set data.mask_prompt=false to train on all tokens"
-            )
-        pieces += [(ids[done : len(start)], False), (ids[len(start) : len(end)], True)]
-        done = len(end)
-    return [*pieces, (ids[done:], False)]
+        return [(enc.tokenize(render_chat(enc.tokenizer, conv.messages, where=record.where)), True)]
+    ids, flags = chat_tokens(enc.tokenizer, conv, where=record.where)
+    runs = itertools.groupby(zip(ids, flags, strict=True), key=lambda pair: pair[1])
+    return [([token for token, _ in run], trained) for trained, run in runs]
 
 
-_ENCODERS = {"text": _encode_text, "alpaca": _encode_alpaca, "messages": _encode_messages}
+def _encode_prompt_completion(enc: Encoder, record: Record) -> Pieces:
+    """TRL's ``prompt``/``completion``: two strings are joined as written (prompt masked, completion and
+    EOS trained, each tokenized on its own as for alpaca); two lists of turns are a conversation."""
+    prompt, completion = record.data["prompt"], record.data["completion"]
+    if not isinstance(prompt, str):
+        return _encode_chat(enc, record)
+    return [(enc.tokenize(prompt), not enc.mask_prompt), (enc.tokenize(completion) + enc.eos(), True)]
 
 
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool = False,
-    *,
-    where: str = "",
-) -> str:
-    """The conversation as text, with the tokenizer's chat template or ``templates/chat/simple.jinja``."""
-    template = None if getattr(tokenizer, "chat_template", None) else fallback_chat_template()
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as e:  # jinja errors come in several types; report them as data errors
-        raise DataError(f"{where}: the chat template failed: {type(e).__name__}: {e}") from e
+_ENCODERS = {
+    "text": _encode_text,
+    "alpaca": _encode_alpaca,
+    "messages": _encode_chat,
+    "sharegpt": _encode_chat,
+    "prompt-completion": _encode_prompt_completion,
+}
 
 
 def truncate(example: Example, max_length: int) -> tuple[Example, bool]:

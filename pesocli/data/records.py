@@ -13,7 +13,12 @@ from typing import Any
 
 from pesocli.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+"""Roles of ``messages`` turns; only ``assistant`` turns are trained (``tool`` turns are context)."""
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"
+}
+"""ShareGPT ``from`` values -> chat roles."""
 SUFFIXES = (".jsonl", ".json")
 
 
@@ -30,7 +35,7 @@ def load_records(path: str | Path, format: str = "auto") -> tuple[list[Record], 
     """Read and validate all records of a file or folder; returns them and the (detected) format."""
     records = read_records(Path(path))
     if format == "auto":
-        format = detect_format(records[0])
+        format = detect_format(records[0], RECORD_FORMATS)
     for record in records:
         check_record(record, format)
     return records, format
@@ -95,18 +100,32 @@ def _as_record(where: str, obj: Any) -> Record:
     return Record(where=where, data=obj)
 
 
-def detect_format(record: Record) -> str:
-    """``text``, ``alpaca`` or ``messages``, from the keys of one record."""
-    keys = record.data.keys()
-    if "text" in keys:
-        return "text"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "messages" in keys:
-        return "messages"
+RECORD_FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt-completion")
+"""Every format training reads, in detection order."""
+
+_FORMAT_KEYS = {
+    "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt-completion": ("prompt", "completion"),
+}
+"""The keys that identify each format (all of them must be present)."""
+
+
+def detect_format(record: Record, formats: tuple[str, ...] = ("text", "alpaca", "messages")) -> str:
+    """The first of ``formats`` whose keys the record has (see :data:`_FORMAT_KEYS`).
+
+    ``formats`` are those the caller reads: training passes :data:`RECORD_FORMATS`; the default is
+    the three that ``peso eval`` reads, so eval data in another format stays a one-line error there.
+    """
+    for name in formats:
+        if all(key in record.data for key in _FORMAT_KEYS[name]):
+            return name
+    expected = [" and ".join(repr(k) for k in _FORMAT_KEYS[name]) for name in formats]
     raise DataError(
-        f"{record.where}: cannot detect the data format from keys {sorted(keys)}: expected 'text', "
-        "'instruction' and 'output', or 'messages' (or set data.format)"
+        f"{record.where}: cannot detect the data format from keys {sorted(record.data)}: expected "
+        f"{', '.join(expected[:-1])}, or {expected[-1]} (or set data.format)"
     )
 
 
@@ -128,24 +147,75 @@ def _check_alpaca(data: dict) -> str | None:
 
 
 def _check_messages(data: dict) -> str | None:
+    """OpenAI-style turns: ``role`` and ``content``; an optional ``name``; ``tool`` turns and an
+    assistant turn that only calls tools (``tool_calls``, empty or null ``content``) are context."""
     if "messages" not in data:
         return "missing key 'messages'"
-    messages = data["messages"]
+    return _check_turns(data["messages"], "messages") or _needs_trained_turn(data["messages"], "messages")
+
+
+def _check_turns(messages: Any, key: str) -> str | None:
     if not isinstance(messages, list):
-        return f"'messages' must be a list (got {_kind(messages)})"
+        return f"{key!r} must be a list (got {_kind(messages)})"
     if not messages:
-        return "empty 'messages'"
+        return f"empty {key!r}"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content' (got {_kind(m)})"
+            return f"{key}[{i}] must be an object with 'role' and 'content' (got {_kind(m)})"
         if m.get("role") not in ROLES:
-            return f"messages[{i}]: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})"
+            return f"{key}[{i}]: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})"
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            return f"{key}[{i}]: 'name' must be a string (got {_kind(m['name'])})"
+        if m["role"] == "assistant" and m.get("tool_calls") and m.get("content") in (None, ""):
+            continue  # a tool call only: rendered by the template, not trained
         reason = _string(m, "content", non_empty=m["role"] == "assistant")
         if reason:
-            return f"messages[{i}]: {reason}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message (nothing to train on)"
+            return f"{key}[{i}]: {reason}"
     return None
+
+
+def _needs_trained_turn(messages: list[dict], key: str) -> str | None:
+    if not any(m["role"] == "assistant" and m.get("content") for m in messages):
+        return f"no assistant message in {key!r} (nothing to train on)"
+    return None
+
+
+def _check_sharegpt(data: dict) -> str | None:
+    """``{"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}``."""
+    if "conversations" not in data:
+        return "missing key 'conversations'"
+    turns = data["conversations"]
+    if not isinstance(turns, list):
+        return f"'conversations' must be a list (got {_kind(turns)})"
+    if not turns:
+        return "empty 'conversations'"
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"conversations[{i}] must be an object with 'from' and 'value' (got {_kind(turn)})"
+        if turn.get("from") not in SHAREGPT_ROLES:
+            return (f"conversations[{i}]: unknown 'from' {turn.get('from')!r} "
+                    f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        reason = _string(turn, "value", non_empty=SHAREGPT_ROLES[turn["from"]] == "assistant")
+        if reason:
+            return f"conversations[{i}]: {reason}"
+    if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
+        return "no 'gpt' turn in 'conversations' (nothing to train on)"
+    return None
+
+
+def _check_prompt_completion(data: dict) -> str | None:
+    """TRL's ``{"prompt", "completion"}``: two strings, or two lists of chat turns (conversational)."""
+    for key in ("prompt", "completion"):
+        if key not in data:
+            return f"missing key {key!r}"
+    prompt, completion = data["prompt"], data["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return _string(data, "completion", non_empty=True)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return (_check_turns(prompt, "prompt") or _check_turns(completion, "completion")
+                or _needs_trained_turn(completion, "completion"))
+    return (f"'prompt' and 'completion' must be two strings or two lists of turns "
+            f"(got {_kind(prompt)} and {_kind(completion)})")
 
 
 def _string(data: dict, key: str, non_empty: bool) -> str | None:
@@ -163,4 +233,10 @@ def _kind(obj: Any) -> str:
     return names.get(type(obj), "a number")
 
 
-_CHECKS = {"text": _check_text, "alpaca": _check_alpaca, "messages": _check_messages}
+_CHECKS = {
+    "text": _check_text,
+    "alpaca": _check_alpaca,
+    "messages": _check_messages,
+    "sharegpt": _check_sharegpt,
+    "prompt-completion": _check_prompt_completion,
+}

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pesocli.config import RunConfig, config_from_dict, config_to_dict
-from pesocli.data import IGNORE, DataBundle, build_datasets, collate, num_batches, render_example
+from pesocli.data import IGNORE, DataBundle, build_datasets, collate, example_preview, num_batches
 from pesocli.engine import Engine, RngReplay
 from pesocli.errors import ConfigError, Interrupted, NumericalError
 from pesocli.methods import RestartRecord, build_method, method_class
@@ -183,9 +183,10 @@ def print_dry_run(cfg: RunConfig, bundle: DataBundle, tokenizer, reporter: Repor
     console.print("[bold]resolved config[/bold]")
     console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     console.print(f"[bold]data[/bold] {bundle.stats.summary()}")
-    if bundle.train:
-        console.print("[bold]first example[/bold] ([dim]masked[/dim] / [green]trained[/green]):")
-        console.print(render_example(bundle.train[0], tokenizer))
+    if bundle.train:  # piped, --no-color or NO_COLOR: no style would show, so the text marks masked runs
+        plain = console.no_color or not console.is_terminal
+        for line in example_preview(bundle.train[0], tokenizer, markers=plain):
+            console.print(line, soft_wrap=True)
 
 
 def run_training(
