@@ -201,6 +201,141 @@ def test_choice_metric_matches_a_dense_log_likelihood(run_dir: Path, tmp_path: P
     assert predictions[0]["prediction"] == max(range(3), key=predictions[0]["logliks"].__getitem__)
 
 
+# --- every training format ---------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _arith(n: int) -> list[dict]:
+    lines = default_eval_data().read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def _eval_both(run_dir: Path, tmp_path: Path, data: Path) -> tuple[dict, list[dict], list[dict]]:
+    """eval.json, the exact-match predictions and the perplexity predictions of ``data``."""
+    out = tmp_path / f"ev-{data.stem}"
+    doc = _eval([str(run_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "12", "--quiet"])
+    return doc, _predictions(out, "exact-match"), _predictions(out, "perplexity")
+
+
+def _same_numbers(a: tuple[dict, list[dict], list[dict]], b: tuple[dict, list[dict], list[dict]]) -> None:
+    (doc_a, gen_a, ppl_a), (doc_b, gen_b, ppl_b) = a, b
+    assert len(gen_a) == len(ppl_a) == doc_a["results"][0]["n"] > 0
+    assert [r["metric"] for r in doc_a["results"]] == ["exact-match", "perplexity"]
+    assert _values(doc_a) == _values(doc_b)  # identical token ids, so identical floats
+    assert [(p["tokens"], p["nll"]) for p in ppl_a] == [(p["tokens"], p["nll"]) for p in ppl_b]
+    keys = ("prompt", "reference", "prediction", "correct")
+    assert [[p[k] for k in keys] for p in gen_a] == [[p[k] for k in keys] for p in gen_b]
+
+
+_SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _messages(turns: list[tuple[str, str]]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def _sharegpt(turns: list[tuple[str, str]]) -> dict:
+    return {"conversations": [{"from": _SHAREGPT_FROM[role], "value": content} for role, content in turns]}
+
+
+def test_sharegpt_and_conversational_prompt_completion_give_the_numbers_of_messages(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """The same conversations as messages, sharegpt and TRL prompt/completion turns: same numbers."""
+    convs = [[("user", r["instruction"]), ("assistant", r["output"])] for r in _arith(4)]
+    convs.append([("system", "Answer briefly."), ("user", "What is 2 + 3?"), ("assistant", "#### 5")])
+    messages = _write_jsonl(tmp_path / "messages.jsonl", [_messages(t) for t in convs])
+    sharegpt = _write_jsonl(tmp_path / "sharegpt.jsonl", [_sharegpt(t) for t in convs])
+    turns = [_messages(t)["messages"] for t in convs]
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": t[:-1], "completion": t[-1:]} for t in turns])
+    reference = _eval_both(run_dir, tmp_path, messages)
+    assert reference[0]["data"]["format"] == "messages" and reference[0]["results"][0]["n"] == len(convs)
+    assert reference[1][0]["reference"] == convs[0][1][1]  # the last assistant turn is the target
+    assert reference[1][0]["prompt"].endswith("<|assistant|>\n")  # the template's generation prompt
+    for data, fmt in ((sharegpt, "sharegpt"), (pairs, "prompt-completion")):
+        result = _eval_both(run_dir, tmp_path, data)
+        assert result[0]["data"]["format"] == fmt
+        _same_numbers(reference, result)
+
+    # multi-turn: every assistant turn is scored (as trained), the last one is the exact-match target
+    multi = [("user", "What is 1 + 1?"), ("assistant", "#### 2")]
+    multi += [("user", "And 2 + 2?"), ("assistant", "#### 4")]
+    a = _eval_both(run_dir, tmp_path, _write_jsonl(tmp_path / "multi_m.jsonl", [_messages(multi)]))
+    b = _eval_both(run_dir, tmp_path, _write_jsonl(tmp_path / "multi_s.jsonl", [_sharegpt(multi)]))
+    _same_numbers(a, b)
+    assert a[1][0]["reference"] == "#### 4" and "And 2 + 2?" in a[1][0]["prompt"]
+
+
+def test_string_prompt_completion_gives_the_numbers_of_alpaca(run_dir: Path, tmp_path: Path) -> None:
+    """TRL's two strings, written as the alpaca template writes them: the same tokens, the same numbers."""
+    from pesocli.data.templates import load_prompt_template
+
+    template = load_prompt_template("alpaca")
+    records = _arith(6)
+    alpaca = _write_jsonl(tmp_path / "alpaca.jsonl", records)
+    pairs = _write_jsonl(
+        tmp_path / "strings.jsonl",
+        [
+            {
+                "prompt": template.render_prompt(r["instruction"], r.get("input") or ""),
+                "completion": template.render_response(r["output"]),
+            }
+            for r in records
+        ],
+    )
+    a, b = _eval_both(run_dir, tmp_path, alpaca), _eval_both(run_dir, tmp_path, pairs)
+    assert b[0]["data"]["format"] == "prompt-completion"
+    _same_numbers(a, b)
+    assert 1.0 < _values(b[0])["perplexity"] < 50.0
+
+
+def test_messages_with_tool_turns_score_only_the_assistant_turns(run_dir: Path, tmp_path: Path) -> None:
+    """Tool turns and a tool-call-only assistant turn are context: perplexity = exp(training eval loss)."""
+    from pesocli.data import DataConfig, build_datasets
+    from pesocli.runs import load_run
+    from pesocli.train.loop import evaluate
+
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "add", "content": "5"},
+                {"role": "assistant", "content": "2 + 3 = 5\n#### 5"},
+            ]
+        },
+        _messages([("user", "What is 4 - 1?"), ("assistant", "#### 3")]),
+    ]
+    data = _write_jsonl(tmp_path / "tools.jsonl", records)
+    doc, generated, scored = _eval_both(run_dir, tmp_path, data)
+    assert generated[0]["reference"] == "2 + 3 = 5\n#### 5"
+    assert generated[0]["prompt"].endswith("<|tool|>\n5\n<|assistant|>\n")
+    run = load_run(run_dir)
+    bundle = build_datasets(DataConfig(path=str(data), val_path=str(data)), run.tokenizer, seed=0)
+    assert [p["tokens"] for p in scored] == [ex.num_trained for ex in bundle.val]
+    eos = run.tokenizer.eos_token
+    assert [run.tokenizer.decode(r) for r in bundle.val[0].trained_runs()] == [f"2 + 3 = 5\n#### 5{eos}"]
+    loss = evaluate(run.model, bundle, batch_size=2, device=torch.device("cpu"))
+    assert _values(doc)["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_eval_reads_every_training_format() -> None:
+    """One list of formats: each has default metrics, and each default metric reads that format."""
+    from pesocli.data.records import RECORD_FORMATS
+    from pesocli.evaluate.config import DEFAULT_METRICS, EVAL_FORMATS
+    from pesocli.evaluate.metrics import METRIC_FORMATS
+
+    assert EVAL_FORMATS == ("auto", *RECORD_FORMATS, "choice")
+    assert set(DEFAULT_METRICS) == set(EVAL_FORMATS) - {"auto"}
+    for fmt, metrics in DEFAULT_METRICS.items():
+        assert all(fmt in METRIC_FORMATS[metric][0] for metric in metrics), fmt
+
+
 # --- one-line errors ---------------------------------------------------------------------------
 
 
@@ -232,8 +367,13 @@ def test_bad_targets_and_data_get_one_line_errors(run_dir: Path, tmp_path: Path)
     broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     assert f"{broken}:2: invalid JSON" in _error_line([str(run_dir), "--data", str(broken)])
     unknown = tmp_path / "unknown.jsonl"
-    unknown.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    unknown.write_text(json.dumps({"query": "a", "response": "b"}) + "\n")
     assert "cannot detect the data format" in _error_line([str(run_dir), "--data", str(unknown)])
+    bad_sharegpt = tmp_path / "bad_sharegpt.jsonl"
+    bad_sharegpt.write_text(json.dumps({"conversations": [{"from": "bot", "value": "b"}]}) + "\n")
+    assert f"{bad_sharegpt}:1: conversations[0]: unknown 'from'" in _error_line(
+        [str(run_dir), "--data", str(bad_sharegpt)]
+    )
     bad_choice = tmp_path / "bad_choice.jsonl"
     bad_choice.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
     assert f"{bad_choice}:1: 'answer' 5" in _error_line([str(run_dir), "--data", str(bad_choice)])

@@ -7,14 +7,19 @@ from dataclasses import dataclass
 METRICS: tuple[str, ...] = ("perplexity", "exact-match", "choice")
 """Metrics ``--metric`` accepts (see :mod:`pesocli.evaluate.metrics`)."""
 
-EVAL_FORMATS: tuple[str, ...] = ("auto", "text", "alpaca", "messages", "choice")
-"""Record formats of the eval data: the three training formats plus ``choice``."""
+EVAL_FORMATS: tuple[str, ...] = (
+    "auto", "text", "alpaca", "messages", "sharegpt", "prompt-completion", "choice"
+)
+"""Record formats of the eval data: the five training formats (``pesocli.data.records.RECORD_FORMATS``,
+spelt out so this module imports no torch) plus ``choice``."""
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "alpaca": ("exact-match", "perplexity"),
     "messages": ("exact-match", "perplexity"),
+    "sharegpt": ("exact-match", "perplexity"),
+    "prompt-completion": ("exact-match", "perplexity"),
     "text": ("perplexity",),
     "choice": ("choice",),
 }
@@ -29,8 +34,9 @@ class EvalConfig:
     """Eval data: a JSONL/JSON file or folder. ``None`` is the shipped ``arith_eval.jsonl`` (alpaca,
     200 GSM8K-style records with ``#### answer``)."""
     format: str = "auto"
-    """``auto`` (detected from the first record), ``text``, ``alpaca``, ``messages`` or ``choice``
-    (``{"question", "choices", "answer", "input"?}``)."""
+    """``auto`` (detected from the first record), ``text``, ``alpaca``, ``messages``, ``sharegpt``,
+    ``prompt-completion`` (as ``data.format`` reads them) or ``choice`` (``{"question", "choices",
+    "answer", "input"?}``)."""
     metrics: tuple[str, ...] = ()
     """Any of ``perplexity``, ``exact-match``, ``choice``; empty picks by format (:data:`DEFAULT_METRICS`)."""
     template: str | None = None

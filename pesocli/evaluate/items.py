@@ -1,7 +1,8 @@
 """Eval records -> token sequences, encoded exactly as ``peso train`` encodes them.
 
-Formats: the three training formats (``text``, ``alpaca``, ``messages``; see ``pesocli.data``)
-and ``choice``, one multiple-choice question per record::
+Formats: the five training formats (``text``, ``alpaca``, ``messages`` with tool turns,
+``sharegpt``, ``prompt-completion``; see ``pesocli.data``), detected and encoded by the data
+package itself, and ``choice``, one multiple-choice question per record::
 
     {"question": "What is 2 + 3?", "choices": ["4", "5", "6"], "answer": 1}
     {"question": "...", "input": "optional context", "choices": ["...", "..."], "answer": "B"}
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.data import IGNORE, Encoder, Example, Record, detect_format, render_chat, truncate
-from pesocli.data.records import check_record, read_records
+from pesocli.data import IGNORE, Encoder, Example, Record, conversation, detect_format, render_chat, truncate
+from pesocli.data.records import RECORD_FORMATS, check_record, read_records
 from pesocli.data.templates import PromptTemplate
 from pesocli.errors import DataError
 from pesocli.paths import default_eval_data
@@ -72,7 +73,7 @@ def read_eval_data(path: str | None, format: str, limit: int | None) -> EvalData
     where = str(path) if path is not None else str(default_eval_data())
     records = read_records(Path(where))
     if format == "auto":
-        format = "choice" if "choices" in records[0].data else detect_format(records[0])
+        format = "choice" if "choices" in records[0].data else detect_format(records[0], RECORD_FORMATS)
     if limit is not None:
         records = records[:limit]
     for record in records:
@@ -147,18 +148,27 @@ def perplexity_examples(
 def prompt_items(
     data: EvalData, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate | None, max_prompt: int
 ) -> list[PromptItem]:
-    """Prompts to generate from and the reference answers (alpaca ``output``, last assistant turn)."""
+    """Prompts to generate from and the reference answers.
+
+    alpaca: the template's prompt, ``output``. ``prompt-completion`` with two strings: ``prompt``
+    as written (training tokenizes it on its own, then the completion), ``completion``. Chat
+    records (``messages``, ``sharegpt``, conversational ``prompt-completion``), read through
+    :func:`pesocli.data.conversation`: the conversation up to its last trained assistant turn,
+    rendered with the generation prompt, and that turn's content.
+    """
     items = []
     for record in data.records:
         if data.format == "alpaca":
             assert template is not None
             prompt = template.render_prompt(record.data["instruction"], record.data.get("input") or "")
             reference = record.data["output"]
+        elif data.format == "prompt-completion" and isinstance(record.data["prompt"], str):
+            prompt, reference = record.data["prompt"], record.data["completion"]
         else:
-            messages = record.data["messages"]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = render_chat(tokenizer, messages[:last], True, where=record.where)
-            reference = messages[last]["content"]
+            conv = conversation(record, data.format)
+            last = max(conv.trained)  # validated records have one (an assistant turn with content)
+            prompt = render_chat(tokenizer, conv.messages[:last], True, where=record.where)
+            reference = conv.messages[last]["content"]
         ids = _with_bos(tokenizer, _tokenize(tokenizer, prompt), max_prompt)
         items.append(PromptItem(record.where, prompt, ids, reference))
     return items

@@ -1,8 +1,8 @@
 """The three metrics, each a function of an :class:`EvalContext` returning a :class:`MetricResult`.
 
 - ``perplexity``: ``exp(sum NLL / trained tokens)`` over the data encoded as in training (prompt
-  tokens masked, the response and its EOS scored, same shift): ``exp`` of the token-weighted
-  eval loss ``peso train`` logs.
+  tokens masked; the response or completion and its EOS, or each trained assistant turn and its
+  end-of-turn marker, scored; same shift): ``exp`` of the token-weighted eval loss ``peso train`` logs.
 - ``exact-match``: greedy generation from each prompt; the final answers of the prediction and the
   reference (``#### answer``, else the last number; normalised, see :mod:`.answers`) must be equal.
 - ``choice``: each option's summed log-likelihood after the prompt; the highest must be the answer.
@@ -124,8 +124,14 @@ def choice(ctx: EvalContext) -> MetricResult:
 
 
 METRIC_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
-    "perplexity": (("text", "alpaca", "messages"), "text, alpaca or messages records"),
-    "exact-match": (("alpaca", "messages"), "prompt/answer records (alpaca or messages)"),
+    "perplexity": (
+        ("text", "alpaca", "messages", "sharegpt", "prompt-completion"),
+        "text, alpaca, messages, sharegpt or prompt-completion records",
+    ),
+    "exact-match": (
+        ("alpaca", "messages", "sharegpt", "prompt-completion"),
+        "prompt/answer records (alpaca, messages, sharegpt or prompt-completion)",
+    ),
     "choice": (("choice",), 'choice records ({"question", "choices", "answer"})'),
 }
 """The record formats each metric reads, and how an error message names them."""
