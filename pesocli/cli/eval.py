@@ -15,7 +15,12 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
 # (option, EvalConfig field, click type, help); the default shown is the dataclass's.
 EVAL_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--data", "data", str, "Eval data: a JSONL/JSON file or folder (None: the shipped arith_eval.jsonl)."),
-    ("--format", "format", click.Choice(EVAL_FORMATS), "Record format (choice: question/choices/answer)."),
+    (
+        "--format",
+        "format",
+        click.Choice(EVAL_FORMATS),
+        "Record format: the five training formats, or choice (question/choices/answer).",
+    ),
     (
         "--template",
         "template",
@@ -66,8 +71,8 @@ def _split(values: tuple[str, ...] | str | None) -> tuple[str, ...]:
     "metrics",
     multiple=True,
     metavar="NAME",
-    help=f"{', '.join(METRICS)} (repeat or comma-separate). [default: by data format: alpaca/messages "
-    "-> exact-match + perplexity, text -> perplexity, choice -> choice]",
+    help=f"{', '.join(METRICS)} (repeat or comma-separate). [default: by data format: alpaca, messages, "
+    "sharegpt, prompt-completion -> exact-match + perplexity, text -> perplexity, choice -> choice]",
 )
 @_options
 @click.option(
