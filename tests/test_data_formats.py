@@ -143,11 +143,11 @@ def test_format_is_detected_from_the_first_record(tmp_path):
         load_records(path, "prompt-completion")
 
 
-def test_peso_eval_still_reads_only_its_three_formats():
+def test_detect_format_reads_every_record_format_by_default():
     record = Record("d.jsonl:1", SHAREGPT)
-    assert detect_format(record, RECORD_FORMATS) == "sharegpt"
+    assert detect_format(record) == detect_format(record, RECORD_FORMATS) == "sharegpt"
     with pytest.raises(DataError, match=r"d\.jsonl:1: cannot detect the data format .* or 'messages' \("):
-        detect_format(record)  # the default: what peso eval reads
+        detect_format(record, ("text", "alpaca", "messages"))
 
 
 # --- the --dry-run preview -------------------------------------------------------------------------

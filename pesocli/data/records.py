@@ -113,12 +113,10 @@ _FORMAT_KEYS = {
 """The keys that identify each format (all of them must be present)."""
 
 
-def detect_format(record: Record, formats: tuple[str, ...] = ("text", "alpaca", "messages")) -> str:
-    """The first of ``formats`` whose keys the record has (see :data:`_FORMAT_KEYS`).
-
-    ``formats`` are those the caller reads: training passes :data:`RECORD_FORMATS`; the default is
-    the three that ``peso eval`` reads, so eval data in another format stays a one-line error there.
-    """
+def detect_format(record: Record, formats: tuple[str, ...] | None = None) -> str:
+    """The first of ``formats`` (default :data:`RECORD_FORMATS`, what training and ``peso eval`` read)
+    whose keys the record has (see :data:`_FORMAT_KEYS`)."""
+    formats = RECORD_FORMATS if formats is None else formats
     for name in formats:
         if all(key in record.data for key in _FORMAT_KEYS[name]):
             return name
