@@ -36,7 +36,8 @@ DEFAULT_METHOD = "peso-r"
 """The method a run uses when neither the YAML nor the command line names one."""
 
 EMBEDDED_CONFIG = "tiny-peso-r.yaml"
-"""The ready-made config ``peso train`` starts from when no ``--config`` is given."""
+"""The ready-made demo config ``peso train`` starts from when no ``--config`` is given and the model is
+the built-in ``tiny`` one (see :func:`default_config_path`); any other model starts from the defaults."""
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -667,5 +668,13 @@ def commands_dir() -> Path:
 
 
 def embedded_config_path() -> Path:
-    """The config ``peso train`` uses without ``--config``: the tiny model on the shipped data."""
+    """The demo config ``peso train`` uses without ``--config`` on the tiny model: the shipped data."""
     return commands_dir() / EMBEDDED_CONFIG
+
+
+def default_config_path(overrides: dict[str, Any]) -> Path | None:
+    """The YAML a run without ``--config`` starts from: the embedded demo for the built-in tiny model
+    (no ``model.name`` override, or ``tiny``), none for any other model, which gets the dataclass
+    defaults that ``--help`` lists (the demo's lr 1e-2 and 300 steps fit only the random tiny model)."""
+    model = overrides.get("model.name")
+    return embedded_config_path() if model is None or str(model).strip() == "tiny" else None

@@ -181,3 +181,41 @@ def test_method_help_names_every_registered_method() -> None:
     options = importlib.import_module("pesocli.cli.train").CONFIG_OPTIONS
     method_help = next(text for option, _key, _kind, text in options if option == "--method")
     assert all(name in method_help for name in METHODS), method_help
+
+
+def test_a_model_folder_without_config_gets_the_documented_defaults(fake_training: list, tmp_path) -> None:
+    """The tiny demo's YAML (lr 1e-2, 300 steps, restart_every 100) applies to the tiny model only."""
+    from pesocli.config import CheckpointConfig, OptimConfig, TrainConfig
+    from pesocli.data.config import DataConfig
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    result = CliRunner().invoke(main, ["train", "--model", str(model), "--data", "x.jsonl"])
+    assert result.exit_code == 0, result.output
+    cfg = fake_training[0][0]
+    assert cfg.model.name == str(model)
+    assert cfg.optim.lr == OptimConfig().lr == 2e-4  # what --help advertises
+    assert cfg.method.restart_every == 500 and cfg.method_name == "peso-r"
+    assert cfg.train.max_steps is None and cfg.train.epochs == TrainConfig().epochs
+    assert cfg.train.batch_size == TrainConfig().batch_size
+    assert (cfg.data.max_length, cfg.data.val_split) == (DataConfig().max_length, DataConfig().val_split)
+    assert cfg.checkpoint.every == CheckpointConfig().every
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "default: 0.0002" in help_text and "peso-r: 500" in help_text
+
+    for args in ([], ["--model", "tiny"]):  # the embedded demo: no --model, or the tiny one named
+        assert CliRunner().invoke(main, ["train", *args]).exit_code == 0
+        cfg = fake_training[-1][0]
+        assert (cfg.optim.lr, cfg.train.max_steps, cfg.method.restart_every) == (1e-2, 300, 100)
+
+
+def test_describe_plan_counts_epochs_and_tokens_and_warns_past_a_few_epochs() -> None:
+    from pesocli.train.progress import describe_plan
+
+    line, warning = describe_plan(300, 16, 1425, 53832)
+    assert "300 steps x 16 sequences = 3.37 epochs over 1,425 examples" in line
+    assert "about 181,329 tokens" in line  # 4800 / 1425 passes over 53,832 tokens
+    assert warning is None
+    line, warning = describe_plan(300, 16, 2, 60)
+    assert "2,400.00 epochs" in line
+    assert warning is not None and "2,400.0 passes over 2 training examples" in warning

@@ -272,3 +272,14 @@ def test_lm_loss_projects_only_from_the_first_trained_position() -> None:
         assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
     nothing = {**batch, "labels": torch.full_like(labels, -100)}
     assert float(lm_loss(model, nothing).detach()) == 0.0
+
+
+def test_a_plan_of_many_epochs_is_announced_with_a_warning(tmp_path: Path) -> None:
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus {i} is {2 * i}"}) + "\n" for i in range(2)))
+    args = ["train", "--data", str(data), "--max-steps", "5", "--batch-size", "2", "--method", "lora",
+            "--export", "none", "--output-dir", str(tmp_path), "--run-name", "r", "--set", "data.val_split=0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "plan: 5 steps x 2 sequences = 5.00 epochs over 2 examples" in result.output
+    assert "warning: the plan is 5.0 passes over 2 training examples" in result.stderr

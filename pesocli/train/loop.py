@@ -44,7 +44,7 @@ from pesocli.train import distributed
 from pesocli.train.distributed import PeerRunFolder, World
 from pesocli.train.guards import Snapshot, StopSignals, Watchdog, nonfinite_layers
 from pesocli.train.lr import build_scheduler
-from pesocli.train.progress import Reporter, format_bytes
+from pesocli.train.progress import Reporter, describe_plan, format_bytes
 from pesocli.train.resume import (
     Mark,
     ResumePoint,
@@ -329,6 +329,12 @@ def _train(
         f"{sum(p.numel() for p in engine.trainable_parameters()):,} trainable parameters, "
         f"{steps} steps -> {run.path}"
     )
+    plan, too_long = describe_plan(
+        steps, global_batch * cfg.train.grad_accum, len(bundle.train), bundle.stats.tokens
+    )
+    reporter.note(plan)
+    if too_long is not None and point is None:
+        say(too_long)
     if point is not None:
         reporter.note(f"resuming at step {start_step} from {point.folder}")
 

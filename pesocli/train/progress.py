@@ -25,6 +25,31 @@ def format_bytes(num: float) -> str:
     return f"{num:.1f} TiB"
 
 
+EPOCHS_WARNING = 4.0
+"""A plan of more passes over the training data than this gets a one-line warning."""
+
+
+def describe_plan(steps: int, sequences_per_step: int, examples: int, tokens: int) -> tuple[str, str | None]:
+    """The start-of-run line on how much training the plan is, and a warning when it is many epochs.
+
+    ``sequences_per_step``: the global batch (processes x batch size x grad accum); ``examples`` and
+    ``tokens``: one pass over the training examples. Returns ``(line, warning or None)``.
+    """
+    sequences = steps * sequences_per_step
+    epochs = sequences / max(examples, 1)
+    line = (
+        f"plan: {steps:,} steps x {sequences_per_step} sequences = {epochs:,.2f} epochs over "
+        f"{examples:,} examples, about {epochs * tokens:,.0f} tokens"
+    )
+    warning = None
+    if epochs > EPOCHS_WARNING:
+        warning = (
+            f"the plan is {epochs:,.1f} passes over {examples:,} training examples (more than "
+            f"{EPOCHS_WARNING:g}); set --epochs or --max-steps, or give more data"
+        )
+    return line, warning
+
+
 class Reporter:
     """Progress for ``total`` optimizer steps. ``quiet`` prints only errors (and nothing here)."""
 

@@ -181,12 +181,13 @@ def resolve_resume(
     """The run config and the run folder to resume (``None``: start a fresh run) for ``--resume SPEC``.
 
     ``SPEC`` is a run folder (a path, or a name under the output dir): its ``config.yaml`` (or
-    ``--config``) with the command-line options on top is the config. ``auto``: the config comes from
-    ``--config`` (or the embedded one) as for a fresh run; with a run name (``--run-name`` or
-    ``train.run_name``) that run folder is resumed when it has a checkpoint, and otherwise the newest
-    unfinished run under the output dir with the same config is; a fresh run starts when there is none.
+    ``--config``) with the command-line options on top is the config. ``auto``: the config comes
+    from ``--config`` (or the embedded demo for the tiny model) as for a fresh run; with a run name
+    (``--run-name`` or ``train.run_name``) that run folder is resumed when it has a checkpoint, and
+    otherwise the newest unfinished run under the output dir with the same config is; a fresh run
+    starts when there is none.
     """
-    from pesocli.config import embedded_config_path, load_config, read_yaml
+    from pesocli.config import default_config_path, load_config, read_yaml
 
     if overrides.get("train.overwrite") in (True, "true", "True", "1"):
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -199,9 +200,10 @@ def resolve_resume(
         cfg.train.output_dir, cfg.train.run_name = str(folder.parent), folder.name
         return cfg, folder
 
-    yaml_path = config_path if config_path is not None else embedded_config_path()
+    yaml_path = config_path if config_path is not None else default_config_path(overrides)
     cfg = load_config(yaml_path, overrides)
-    named = "train.run_name" in overrides or (read_yaml(yaml_path).get("train") or {}).get("run_name")
+    from_yaml = read_yaml(yaml_path) if yaml_path is not None else {}
+    named = "train.run_name" in overrides or (from_yaml.get("train") or {}).get("run_name")
     if named:
         folder = cfg.run_dir
         if _has_state(folder):  # verified (with warnings) by run_training
