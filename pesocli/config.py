@@ -228,9 +228,13 @@ class TrainConfig:
 class CheckpointConfig:
     """Checkpoints inside the run folder (``final/`` is always written)."""
 
-    every: int = 0
-    """Write a resumable checkpoint every N optimizer steps; 0 writes only ``final/`` (and the checkpoint
-    that SIGINT/SIGTERM or ``nan_policy: stop`` write)."""
+    every: int = 500
+    """Write a resumable checkpoint every N optimizer steps; 0: none by steps. A checkpoint is cheap:
+    adapters, anchors, optimizer state and RNG, never the base weights (see ``pesocli.train.state``)."""
+    every_minutes: float = 30.0
+    """Also write one when this many minutes of training passed since the last one (so a preemption
+    or a crash loses at most that much); 0: none by time. With ``every: 0`` too, only ``final/`` (and the
+    checkpoint that SIGINT/SIGTERM or ``nan_policy: stop`` write) is written."""
     keep_last: int = 2
     """Step checkpoints to keep (oldest deleted first, after the new one and ``latest`` are written;
     ``final/`` is never deleted); 0 keeps all. Keep 2 or more so a damaged newest one has a fallback."""
@@ -239,6 +243,8 @@ class CheckpointConfig:
         errors = []
         if self.every < 0:
             errors.append(f"checkpoint.every must be >= 0 (got {self.every})")
+        if self.every_minutes < 0:
+            errors.append(f"checkpoint.every_minutes must be >= 0 (got {self.every_minutes})")
         if self.keep_last < 0:
             errors.append(f"checkpoint.keep_last must be >= 0 (got {self.keep_last})")
         return errors

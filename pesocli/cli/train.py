@@ -38,7 +38,11 @@ CONFIG_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--val-split", "data.val_split", float, "Fraction of the records held out for validation."),
     ("--max-length", "data.max_length", int, "Truncate examples to this many tokens."),
     ("--checkpoint-every", "checkpoint.every", int,
-     "Write a resumable checkpoint every N steps (0: only final/, and on SIGINT/SIGTERM)."),
+     "Write a resumable checkpoint (adapters, anchors, optimizer; no base weights) every N steps (0: none "
+     "by steps)."),
+    ("--checkpoint-minutes", "checkpoint.every_minutes", float,
+     "Also write one after this many minutes since the last (0: none by time; with --checkpoint-every 0 "
+     "only final/, and on SIGINT/SIGTERM)."),
     ("--keep-last", "checkpoint.keep_last", int, "Step checkpoints to keep, newest first (0: all)."),
     ("--nan-policy", "train.nan_policy", click.Choice(["stop", "skip"]),
      "Non-finite loss/gradient or loss spike: stop (write the last good state, exit 1) or skip the update."),

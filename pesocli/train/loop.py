@@ -406,6 +406,7 @@ def _train(
     restart_steps = [s for s in range(steps) if method.restart_due(s)]
     eval_loss = None
     last_checkpoint = start_step if point is not None else None
+    checkpoint_clock = time.perf_counter()  # wall time since the last checkpoint (checkpoint.every_minutes)
     window_tokens, window_start = 0, time.perf_counter()
     try:
         with guard, reporter:
@@ -444,8 +445,11 @@ def _train(
                 with engine.training_step(step):
                     step_loss = gradient_pass(micro, step_trained)
                 # one flattened all-reduce: every adapter gradient, the loss and the stop votes
-                votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
+                # (and whether this process's checkpoint clock ran out: all processes checkpoint together)
+                votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM),
+                         float(_clock_due(cfg.checkpoint.every_minutes, checkpoint_clock))]
                 step_loss, *votes = world.reduce_gradients(engine.trainable_parameters(), [step_loss, *votes])
+                clock_due = votes.pop() > 0
                 step_tokens = int(step_tokens)
                 counters.tokens += step_tokens
                 window_tokens += step_tokens
@@ -488,9 +492,10 @@ def _train(
                 if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                     eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                     run.log_metrics({"step": step + 1, "eval_loss": eval_loss})
-                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < steps:
+                by_steps = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
+                if (by_steps or clock_due) and step + 1 < steps:
                     checkpoint(step + 1)
-                    last_checkpoint = step + 1
+                    last_checkpoint, checkpoint_clock = step + 1, time.perf_counter()
                 # several processes stop on the votes of this step's all-reduce, so all after the same step
                 signum = _stop_signal(votes) if world.active else signals.signum
                 if signum is not None and step + 1 < steps:
@@ -562,6 +567,11 @@ def _train(
 
 def _silent(message: str) -> None:
     del message
+
+
+def _clock_due(minutes: float, since: float) -> bool:
+    """Whether ``minutes`` (> 0) of wall time passed since ``since`` (a ``time.perf_counter()``)."""
+    return minutes > 0 and time.perf_counter() - since >= 60.0 * minutes
 
 
 def _stop_signal(votes: list[float]) -> int | None:

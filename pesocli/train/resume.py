@@ -58,6 +58,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "train.max_consecutive_skips",
     "model.trust_remote_code",
     "checkpoint.every",
+    "checkpoint.every_minutes",
     "checkpoint.keep_last",
     "train.dist_timeout",
     "train.fsdp",
@@ -165,7 +166,8 @@ def require_resume_point(run_dir: Path) -> ResumePoint:
     if point is None:
         raise ConfigError(
             f"--resume: {run_dir} has no good checkpoint to resume from (the run stopped before its "
-            f"first checkpoint, or all are damaged); set checkpoint.every / --checkpoint-every"
+            f"first checkpoint, or all are damaged); checkpoints come every checkpoint.every steps "
+            f"(--checkpoint-every) and checkpoint.every_minutes minutes (--checkpoint-minutes)"
         )
     if point.state.get("resume_version") != RESUME_STATE_VERSION and not point.finished:
         raise ConfigError(f"--resume: {point.folder} holds no resume state (written by an older peso)")
