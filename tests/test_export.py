@@ -454,7 +454,7 @@ def test_cli_usage_errors_are_one_line(run_dirs, tmp_path: Path) -> None:
     assert runner.invoke(main, ["export"]).exit_code == 2
     assert runner.invoke(main, ["export", str(run_dirs["lora"])]).exit_code == 2  # no --out
     missing = runner.invoke(main, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert missing.exit_code == 1 and missing.output.startswith("error: run folder")
+    assert missing.exit_code == 2 and missing.output.startswith("error: run folder")
     assert "Traceback" not in missing.output
 
 
@@ -549,3 +549,29 @@ def test_cli_merge_says_what_the_folder_is_and_serves_it_with_the_runs_adapter(
                                      "--include-adapter"])
     assert full.exit_code == 0 and "wrote merged model to" in full.output
     assert "Written by `peso merge`" in (tmp_path / "w3" / "README.md").read_text()
+
+
+def test_export_and_merge_refuse_an_existing_out_before_loading_anything(
+    run_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    cli_export = importlib.import_module("pesocli.cli.export")  # the module, not the command it defines
+    cli_merge = importlib.import_module("pesocli.cli.merge")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(cli_export, "load", never)
+    monkeypatch.setattr(cli_merge, "load", never)
+    (tmp_path / "taken").mkdir()
+    for command in ("export", "merge"):
+        result = CliRunner().invoke(main, [command, str(run_dirs["lora"]), "--out", str(tmp_path / "taken")])
+        assert result.exit_code == 1 and "exists; pass --force" in result.output, result.output
+
+
+def test_anchored_manifest_names_no_base_folder_it_does_not_have(run_dirs) -> None:
+    """The train-time anchored export of a tiny run: no ``base/`` folder, and the manifest says none."""
+    root = run_dirs["peso-r"] / "export" / "anchored"
+    manifest = json.loads((root / "peso_export.json").read_text())
+    assert not (root / "base").exists() and "base/" not in manifest["base_model_served"]

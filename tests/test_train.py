@@ -283,3 +283,17 @@ def test_a_plan_of_many_epochs_is_announced_with_a_warning(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "plan: 5 steps x 2 sequences = 5.00 epochs over 2 examples" in result.output
     assert "warning: the plan is 5.0 passes over 2 training examples" in result.stderr
+
+
+def test_restart_steps_are_1_based_everywhere_and_flagged_in_metrics(tmp_path: Path) -> None:
+    """Restarts before the 1st, 6th and 11th step (every 5): ``restarts.jsonl`` says steps 1, 6, 11 (version
+    2), and ``metrics.jsonl`` logs those steps (although only every 5th is logged) with ``restart: true``."""
+    result = run_training(_cfg(tmp_path, **{"train.max_steps": 12, "method.restart_every": 5,
+                                            "train.log_every": 5, "train.eval_every": 0,
+                                            "train.export": "none"}))
+    run = result.run_dir
+    restarts = [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in restarts}) == [1, 6, 11] and {r["version"] for r in restarts} == {2}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {m["step"]: m["restart"] for m in metrics if "loss" in m}
+    assert logged == {1: True, 5: False, 6: True, 10: False, 11: True, 12: False}

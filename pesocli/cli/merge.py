@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pesocli.cli.common import run_command
-from pesocli.cli.export import load, output_options
+from pesocli.cli.export import load, output_options, refuse_existing
 
 
 @click.command(context_settings={"max_content_width": 110})
@@ -34,5 +34,6 @@ def merge(run: Path, out: Path, include_adapter: bool, checkpoint: int | None, d
 
     options = ExportOptions(dtype=dtype, force=force, check=not skip_check, verify=verify,
                             base_weights=base_weights)
+    refuse_existing(out, force)
     loaded = load(run, checkpoint, device)
     merge_run(loaded, out, include_adapter=include_adapter, options=options, say=click.echo)

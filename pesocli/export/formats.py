@@ -51,6 +51,7 @@ from pesocli.export.model_folder import (
     write_model_folder,
 )
 from pesocli.export.readme import ServeSpec, write_readme
+from pesocli.inspect.runlog import restart_step
 from pesocli.layers import base_weight
 from pesocli.runs import LoadedRun
 
@@ -552,8 +553,10 @@ def _restarts(run: LoadedRun) -> int:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < run.step:
-            steps.add(record["step"])
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            step = restart_step(record)  # 1-based: the restart ran before this step
+            if step <= run.step:
+                steps.add(step)
     return len(steps)
 
 

@@ -36,6 +36,7 @@ from pesocli.config import RunConfig, config_from_dict, config_to_dict
 from pesocli.data import IGNORE, DataBundle, build_datasets, collate, num_batches, render_example
 from pesocli.engine import Engine, RngReplay
 from pesocli.errors import ConfigError, Interrupted, NumericalError
+from pesocli.inspect.runlog import RESTARTS_VERSION
 from pesocli.methods import RestartRecord, build_method, method_class
 from pesocli.models import load_model_and_tokenizer, prepare_model, resolve_device
 from pesocli.optim import PesoAdamW
@@ -432,10 +433,12 @@ def _train(
                     if any(r.kind != "kept-old-subspace" for r in records):
                         counters.restarts += 1
                         counters.restart_seconds += engine.last_restart_seconds
-                    if records:
-                        run.log_restarts(
-                            [dict(r.to_json(), seconds_total=engine.last_restart_seconds) for r in records]
-                        )
+                    if records:  # logged 1-based, as the progress bar and metrics.jsonl count steps
+                        run.log_restarts([
+                            dict(r.to_json(), step=r.step + 1, version=RESTARTS_VERSION,
+                                 seconds_total=engine.last_restart_seconds)
+                            for r in records
+                        ])
 
                 # the step's loss: the mean over the trained tokens of all micro-batches of all
                 # processes, so each process needs the global count before its backward
@@ -485,7 +488,8 @@ def _train(
                 if problem is not None:
                     metrics["skipped"] = problem
                 window_tokens, window_start = 0, now
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps or problem is not None:
+                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == steps
+                if logged or problem is not None or records:  # a restart's step is always logged
                     run.log_metrics(metrics)
                 if problem is None:
                     reporter.step(step, metrics)

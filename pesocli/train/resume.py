@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.errors import ConfigError
+from pesocli.errors import ConfigError, MissingRunError
 
 if TYPE_CHECKING:
     import torch
@@ -161,10 +161,10 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
 def require_resume_point(run_dir: Path) -> ResumePoint:
     """:func:`find_resume_point`, or a one-line :class:`ConfigError` saying why nothing can resume."""
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"--resume: run folder {run_dir} does not exist")
+        raise MissingRunError(f"--resume: run folder {run_dir} does not exist")
     point = find_resume_point(run_dir)
     if point is None:
-        raise ConfigError(
+        raise MissingRunError(
             f"--resume: {run_dir} has no good checkpoint to resume from (the run stopped before its "
             f"first checkpoint, or all are damaged); checkpoints come every checkpoint.every steps "
             f"(--checkpoint-every) and checkpoint.every_minutes minutes (--checkpoint-minutes)"
@@ -240,7 +240,7 @@ def _run_folder(spec: str, config_path: Path | None, overrides: dict[str, Any]) 
         candidate = Path(str(output_dir)) / spec
         if candidate.is_dir():
             return candidate
-    raise ConfigError(f"--resume: run folder {spec} does not exist")
+    raise MissingRunError(f"--resume: run folder {spec} does not exist")
 
 
 def _has_state(folder: Path) -> bool:
