@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,9 @@ def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str)
         assert restarts == []
         assert all(t.numel() == 0 for t in anchors.values())
     else:
-        assert sorted({r["step"] for r in restarts}) == [0, 15, 30]
+        assert sorted({r["step"] for r in restarts}) == [1, 16, 31]  # 1-based: before steps 1, 16, 31
         assert len(restarts) == 3 * 14
-        later = [r for r in restarts if r["step"] > 0]
+        later = [r for r in restarts if r["step"] > 1]
         assert all(
             0 < r["captured_energy"] <= 1 + 1e-6 and r["principal_angle_deg"] is not None for r in later
         )
@@ -297,3 +298,54 @@ def test_restart_steps_are_1_based_everywhere_and_flagged_in_metrics(tmp_path: P
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {m["step"]: m["restart"] for m in metrics if "loss" in m}
     assert logged == {1: True, 5: False, 6: True, 10: False, 11: True, 12: False}
+
+
+def test_progress_at_80_columns_keeps_step_total_and_eta_and_announces_restarts_and_evals(
+    tmp_path: Path,
+) -> None:
+    from rich.console import Console
+
+    from pesocli.train.progress import Reporter
+
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    reporter = Reporter(12, console=console)
+    cfg = _cfg(tmp_path, **{"train.max_steps": 12, "method.restart_every": 5, "train.eval_every": 6,
+                            "train.quiet": False, "train.export": "none"})
+    run_training(cfg, reporter=reporter)
+    text = console.export_text()
+    assert re.findall(r"restart before step (\d+): 14 layers", text) == ["1", "6", "11"]
+    assert "captured energy (median)" in text and "loss before" in text
+    assert re.findall(r"step (\d+): eval loss", text) == ["6", "12"]
+    last = _bar_line(reporter, 80)
+    assert len(last) <= 80 and "…" not in last
+    assert re.search(r"12/12 \d:\d\d:\d\d \d:\d\d:\d\d loss \d", last), last
+
+
+def _bar_line(reporter, width: int) -> str:
+    """The progress bar's current line as a terminal of ``width`` columns shows it."""
+    import io
+
+    from rich.console import Console
+
+    snap = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    snap.print(reporter._progress.get_renderable())
+    return snap.export_text().rstrip("\n")
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_the_bar_drops_secondary_fields_first(width: int) -> None:
+    from rich.console import Console
+
+    from pesocli.train.progress import Reporter
+
+    console = Console(width=width, force_terminal=True, color_system=None, file=__import__("io").StringIO())
+    metrics = {"loss": 1.2345, "lr": 2e-4, "tokens_per_s": 12345.0, "peak_memory_bytes": 400 * 2**20,
+               "next_restart_in": 88}
+    with Reporter(300, console=console) as reporter:
+        reporter.step(11, metrics)
+        line = _bar_line(reporter, width)
+    assert len(line) <= width and "…" not in line and re.search(r" 12/300 \d:\d\d:\d\d \S+", line), line
+    if width >= 80:
+        assert "loss 1.2345  restart in 88" in line
+    if width >= 200:
+        assert "lr 2.00e-04  12345 tok/s  mem 400 MiB" in line

@@ -433,6 +433,13 @@ def _train(
                     if any(r.kind != "kept-old-subspace" for r in records):
                         counters.restarts += 1
                         counters.restart_seconds += engine.last_restart_seconds
+                    if records:
+                        energies = sorted(r.captured_energy for r in records if r.captured_energy is not None)
+                        reporter.restart(
+                            step + 1, len({r.layer for r in records}), engine.last_restart_seconds,
+                            energies[len(energies) // 2] if energies else None,
+                            counters.loss_tail[-1] if counters.loss_tail else None,
+                        )
                     if records:  # logged 1-based, as the progress bar and metrics.jsonl count steps
                         run.log_restarts([
                             dict(r.to_json(), step=r.step + 1, version=RESTARTS_VERSION,
@@ -493,9 +500,12 @@ def _train(
                     run.log_metrics(metrics)
                 if problem is None:
                     reporter.step(step, metrics)
-                if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                # (the last step's eval is the final one below, run once)
+                if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 \
+                        and step + 1 < steps:
                     eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                     run.log_metrics({"step": step + 1, "eval_loss": eval_loss})
+                    reporter.evaluation(step + 1, eval_loss)
                 by_steps = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
                 if (by_steps or clock_due) and step + 1 < steps:
                     checkpoint(step + 1)
@@ -514,6 +524,7 @@ def _train(
             if bundle.val:
                 eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                 run.log_metrics({"step": steps, "eval_loss": eval_loss})
+                reporter.evaluation(steps, eval_loss)
             final_mark = trainer.mark()
             final_mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
             world.on_main(lambda: trainer.save(run.final, steps, final_mark, final=True))
