@@ -349,3 +349,37 @@ def test_the_bar_drops_secondary_fields_first(width: int) -> None:
         assert "loss 1.2345  restart in 88" in line
     if width >= 200:
         assert "lr 2.00e-04  12345 tok/s  mem 400 MiB" in line
+
+
+def test_a_plain_lora_run_on_a_model_folder_exports_the_adapter_not_a_copy(tmp_path: Path) -> None:
+    """Empty anchor: ``RUN/export/anchored`` is the adapter on the base folder (no model copy); reloaded on
+    that folder with PEFT it gives the trained logits; the summary says how much was written where."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pesocli.runs import load_run
+
+    model_dir = tmp_path / "model"
+    _save_tiny_family(model_dir, "qwen2")
+    args = ["train", "--model", str(model_dir), "--method", "lora", "--max-steps", "3", "--lr", "1e-2",
+            "--set", "data.limit=32", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(main, args)  # the summary table on one line per row
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs/r/export/anchored"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "peso_export.json", "serve.sh"]
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model_dir)
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    text = " ".join(result.output.split())
+    assert f"written to {out} (the adapter only: the base {model_dir} is used in place" in text
+    assert any(unit in text for unit in ("KiB written", "MiB written")) and written < 2**20
+    assert f"vllm serve {model_dir}" in (out / "README.md").read_text()
+
+    trained = load_run(tmp_path / "runs/r")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    served = PeftModel.from_pretrained(plain, out / "adapter").eval()
+    with torch.no_grad():
+        reference = trained.model(input_ids=ids).logits
+        error = (served(input_ids=ids).logits - reference).abs().max() / reference.abs().max()
+    assert float(error) < 1e-4

@@ -214,7 +214,22 @@ class _Exporter:
             self.say(f"serve: {serve.command()}")
         return ExportResult(fmt, self.out, serve, manifest, errors, fit)
 
+    def _adapter_only(self) -> bool:
+        """``anchored`` with an empty anchor (plain ``lora``, or no restart yet) on a base that has a folder
+        or id: ``W0 + anchor`` is the base itself, so the adapter points at it instead of a full copy.
+
+        Not for a base that exists only in memory (tiny, GGUF) or a quantised run (its ``W0`` choice)."""
+        return (not self.base.ships and self.run_.cfg.model.quant == "none"
+                and all(layer.anchor.rank == 0 for layer in self.layers.values()))
+
     def _anchored(self, tmp: Path, fit: RankFit):
+        if self._adapter_only():
+            base_name = self.base.serve_name
+            self._write_adapter(tmp / "adapter", fit, base=base_name)
+            serve = ServeSpec(base_name, DTYPE_NAMES[self.dtype], self.options.adapter_name,
+                              self.out / "adapter", fit.rank)
+            parts = {"adapter": "adapter", "adapter_base_external": base_name}
+            return parts, serve, self._reference(anchor_only=False)
         self._write_model(tmp / "model", adapter=False)
         self._write_adapter(tmp / "adapter", fit, base=self.out / "model")
         serve = ServeSpec(str(self.out / "model"), DTYPE_NAMES[self.dtype], self.options.adapter_name,
@@ -343,7 +358,8 @@ class _Exporter:
         model_bytes = sum(math.prod(source.shape) for source in sources) * itemsize
         adapter_bytes = 0 if fit is None else sum(
             (p.lora_A.numel() + p.lora_B.numel()) * itemsize for p in fit.pairs.values())
-        copies = 1 if fmt != "adapter" or self.base.ships else 0
+        in_place = (fmt == "adapter" and not self.base.ships) or (fmt == "anchored" and self._adapter_only())
+        copies = 0 if in_place else 1
         return model_bytes * copies + adapter_bytes
 
     def _manifest_info(self, kind: str, fmt: str, parts: dict[str, str], serve: ServeSpec,
@@ -396,7 +412,14 @@ class _Exporter:
                        errors: dict[str, float], serve_has_adapter: bool = False) -> dict[str, Any]:
         run = self.run_
         out = self.out
-        if fmt == "anchored":
+        if fmt == "anchored" and "model" not in parts:
+            title = "peso export: anchored (empty anchor: the adapter on the untouched base)"
+            layout = (f"- `{out / 'adapter'}`: the final adapter as a PEFT LoRA (rank {fit.rank}, exact rank "
+                      f"{fit.exact_rank}) on the base `{self.base.serve_name}`, untouched.\n\nThe anchor is "
+                      "empty (no restart absorbed anything), so `W~ = W0 + anchor` is the base itself and "
+                      "no copy of it was written.")
+            notes = f"`--max-lora-rank {fit.rank}` is the adapter's rank (one of vLLM's allowed values)."
+        elif fmt == "anchored":
             title = "peso export: anchored model + adapter"
             layout = (f"- `{out / 'model'}`: the model folder with `W~ = W0 + anchor` (the base plus the "
                       f"absorbed restart history).\n- `{out / 'adapter'}`: the final adapter as a PEFT LoRA "

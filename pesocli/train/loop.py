@@ -629,7 +629,12 @@ def export_finished_run(
         result = export_run(
             loaded, fmt, run_dir / "export" / fmt, ExportOptions(force=True), say=reporter.note
         )
-        rows.append((f"export ({fmt})", f"{result.out}  (serve: see {result.out}/README.md)"))
+        written = sum(p.stat().st_size for p in result.out.rglob("*") if p.is_file())
+        what = f"{format_bytes(written)} written to {result.out}"
+        external = result.manifest.get("parts", {}).get("adapter_base_external")
+        if external is not None:
+            what += f" (the adapter only: the base {external} is used in place, not copied)"
+        rows.append((f"export ({fmt})", f"{what}; serve: see {result.out}/README.md"))
     return rows
 
 

@@ -144,7 +144,8 @@ class Reporter:
             return
         table = Table(title="peso train", show_header=False)
         table.add_column("", style="bold")
-        table.add_column("")
+        table.add_column("", overflow="fold")  # paths wrap whole, never cut to "..."
+
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
