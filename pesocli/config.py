@@ -673,6 +673,35 @@ def commands_dir() -> Path:
     raise ConfigError(f"the ready-made configs are missing (looked in {', '.join(map(str, candidates))})")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The ready-made run configs by name (file name without ``.yaml``), sorted (``peso configs``)."""
+    return {path.stem: path for path in sorted(commands_dir().glob("*.yaml"))}
+
+
+def resolve_config(value: str | Path) -> Path:
+    """``--config VALUE``: a YAML file that exists, else the name of a shipped config
+    (``smollm2-135m-peso-r``, with or without ``.yaml``, from any working directory). Raises a
+    one-line :class:`ConfigError`."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"--config {value}: is a folder, not a YAML file")
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_configs()
+    if len(path.parts) <= 1 or path.parent.resolve() == commands_dir().resolve():
+        if name in shipped:
+            return shipped[name]
+    raise ConfigError(f"--config {value}: no such file and {unknown_config(name)}")
+
+
+def unknown_config(name: str) -> str:
+    """``no shipped config of that name (did you mean X? peso configs lists them)``."""
+    close = difflib.get_close_matches(name, list(shipped_configs()), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"no shipped config named {name!r} ({hint}peso configs lists them)"
+
+
 def embedded_config_path() -> Path:
     """The demo config ``peso train`` uses without ``--config`` on the tiny model: the shipped data."""
     return commands_dir() / EMBEDDED_CONFIG

@@ -220,3 +220,44 @@ def test_describe_plan_counts_epochs_and_tokens_and_warns_past_a_few_epochs() ->
     line, warning = describe_plan(300, 16, 2, 60)
     assert "2,400.00 epochs" in line
     assert warning is not None and "2,400.0 passes over 2 training examples" in warning
+
+
+def test_shipped_configs_by_name_list_and_copy(fake_training: list, tmp_path, monkeypatch) -> None:
+    """``--config NAME`` from any working directory; ``peso configs`` lists, ``peso configs cp`` copies."""
+    from pesocli.config import shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # not the repo root: names must still resolve
+    for name in ("smollm2-135m-peso-r", "smollm2-135m-peso-r.yaml"):
+        result = CliRunner().invoke(main, ["train", "--config", name])
+        assert result.exit_code == 0, result.output
+        cfg = fake_training[-1][0]
+        assert (cfg.model.name, cfg.method_name) == ("smollm2-135m", "peso-r")
+    wrong = CliRunner().invoke(main, ["train", "--config", "smollm-135m-peso-r"])
+    assert wrong.exit_code == 2 and "did you mean smollm2-135m-peso-r?" in wrong.output
+    assert wrong.output.count("\n") == 1 and len(fake_training) == 2
+
+    assert "cp" in CliRunner().invoke(main, ["configs", "--help"]).output
+    assert "DEST" in CliRunner().invoke(main, ["configs", "cp", "--help"]).output
+    listed = CliRunner().invoke(main, ["configs"])
+    assert listed.exit_code == 0
+    names = [line.split()[0] for line in listed.output.splitlines()[: len(shipped_configs())]]
+    assert names == list(shipped_configs()) and "tiny-peso-r" in names and "llama-3.1-8b-peso-r" in names
+    copied = CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "mine.yaml"])
+    assert copied.exit_code == 0, copied.output
+    assert (tmp_path / "mine.yaml").read_text() == shipped_configs()["tiny-lora"].read_text()
+    again = CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "mine.yaml"])
+    assert again.exit_code == 2 and "--force" in again.output
+    (tmp_path / "dir").mkdir()
+    assert CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "dir"]).exit_code == 0
+    assert (tmp_path / "dir" / "tiny-lora.yaml").is_file()
+    assert CliRunner().invoke(main, ["configs", "cp", "nope", "x.yaml"]).exit_code == 2
+    result = CliRunner().invoke(main, ["train", "--config", "mine.yaml"])  # a file still wins
+    assert result.exit_code == 0 and fake_training[-1][0].method_name == "lora"
+
+
+def test_shipped_configs_are_package_data() -> None:
+    """``commands/*.yaml`` install with the package (``pesocli._commands``), so names work from a wheel."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"pesocli._commands" = "commands"' in text and '"pesocli._commands" = ["*.yaml"]' in text

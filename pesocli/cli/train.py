@@ -6,7 +6,6 @@ This module only parses options; ``pesocli.train.run_training`` does (and prints
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -86,9 +85,10 @@ def _config_options(fn: Any) -> Any:
 
 
 @click.command(context_settings={"max_content_width": 110})
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML run config (see commands/). Default: commands/tiny-peso-r.yaml for the tiny "
-                   "model, none (the defaults below) for any other.")
+@click.option("--config", "config_arg", metavar="FILE|NAME",
+              help="YAML run config: a file, or the name of a shipped one (peso configs lists them, e.g. "
+                   "smollm2-135m-peso-r). Default: tiny-peso-r for the tiny model, none (the defaults "
+                   "below) for any other.")
 @_config_options
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", callback=parse_settings,
               help="Set any config key, e.g. --set optim.warmup_ratio=0.1 (repeatable; named options win).")
@@ -102,7 +102,7 @@ def _config_options(fn: Any) -> Any:
                    "may change.")
 @run_command
 def train(
-    config_path: Path | None, settings: dict[str, str], dry_run: bool, resume: str | None, **options: Any
+    config_arg: str | None, settings: dict[str, str], dry_run: bool, resume: str | None, **options: Any
 ) -> None:
     """Fine-tune a causal LM. Command-line options override the YAML config, which overrides the defaults.
 
@@ -111,7 +111,9 @@ def train(
     CPU), which sets some keys away from the defaults listed below. Any other model without --config
     starts from the defaults listed below (one epoch over --data).
     """
-    from pesocli.config import default_config_path, load_config
+    from pesocli.config import default_config_path, load_config, resolve_config
+
+    config_path = resolve_config(config_arg) if config_arg is not None else None
 
     overrides: dict[str, Any] = dict(settings)
     for name, value in options.items():
