@@ -368,6 +368,7 @@ def test_checkpoints_are_on_by_default_by_steps_and_by_wall_time() -> None:
     assert cfg.checkpoint.every == 500 and cfg.checkpoint.every_minutes == 30.0
 
 
+@pytest.mark.slow  # ~15 s (a subprocess, 40 steps, a resume); the step-checkpoint one above is default
 def test_sigkill_after_a_checkpoint_by_wall_time_resumes_exactly(tmp_path: Path, reference: Path) -> None:
     """No step checkpoints (``--checkpoint-every 0``): the wall-time ones alone make kill -9 resumable,
     and a checkpoint holds adapters, anchors, optimizer and RNG, never the base weights."""
