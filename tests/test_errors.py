@@ -450,3 +450,29 @@ def test_ctrl_c_is_reported_as_an_interruption_not_an_error(capsys: pytest.Captu
     code = report_failure(Interrupted("SIGINT after step 2 of 5: wrote a full checkpoint to X", 2))
     assert code == 130
     assert capsys.readouterr().err == "interrupted: SIGINT after step 2 of 5: wrote a full checkpoint to X\n"
+
+
+def test_the_signal_note_starts_its_own_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the note must not be glued after the progress bar's text: it starts with a newline."""
+    import os
+    import signal
+    import sys
+
+    from pesocli.train.guards import StopSignals
+
+    read, write = os.pipe()
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            return write
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    stops = StopSignals()
+    stops._handle(signal.SIGINT, None)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read().startswith("\nreceived SIGINT: finishing this step")
+    assert stops.signum == signal.SIGINT
