@@ -36,7 +36,8 @@ DEFAULT_METHOD = "peso-r"
 """The method a run uses when neither the YAML nor the command line names one."""
 
 EMBEDDED_CONFIG = "tiny-peso-r.yaml"
-"""The ready-made config ``peso train`` starts from when no ``--config`` is given."""
+"""The ready-made demo config ``peso train`` starts from when no ``--config`` is given and the model is
+the built-in ``tiny`` one (see :func:`default_config_path`); any other model starts from the defaults."""
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -227,9 +228,13 @@ class TrainConfig:
 class CheckpointConfig:
     """Checkpoints inside the run folder (``final/`` is always written)."""
 
-    every: int = 0
-    """Write a resumable checkpoint every N optimizer steps; 0 writes only ``final/`` (and the checkpoint
-    that SIGINT/SIGTERM or ``nan_policy: stop`` write)."""
+    every: int = 500
+    """Write a resumable checkpoint every N optimizer steps; 0: none by steps. A checkpoint is cheap:
+    adapters, anchors, optimizer state and RNG, never the base weights (see ``pesocli.train.state``)."""
+    every_minutes: float = 30.0
+    """Also write one when this many minutes of training passed since the last one (so a preemption
+    or a crash loses at most that much); 0: none by time. With ``every: 0`` too, only ``final/`` (and the
+    checkpoint that SIGINT/SIGTERM or ``nan_policy: stop`` write) is written."""
     keep_last: int = 2
     """Step checkpoints to keep (oldest deleted first, after the new one and ``latest`` are written;
     ``final/`` is never deleted); 0 keeps all. Keep 2 or more so a damaged newest one has a fallback."""
@@ -238,6 +243,8 @@ class CheckpointConfig:
         errors = []
         if self.every < 0:
             errors.append(f"checkpoint.every must be >= 0 (got {self.every})")
+        if self.every_minutes < 0:
+            errors.append(f"checkpoint.every_minutes must be >= 0 (got {self.every_minutes})")
         if self.keep_last < 0:
             errors.append(f"checkpoint.keep_last must be >= 0 (got {self.keep_last})")
         return errors
@@ -666,6 +673,43 @@ def commands_dir() -> Path:
     raise ConfigError(f"the ready-made configs are missing (looked in {', '.join(map(str, candidates))})")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The ready-made run configs by name (file name without ``.yaml``), sorted (``peso configs``)."""
+    return {path.stem: path for path in sorted(commands_dir().glob("*.yaml"))}
+
+
+def resolve_config(value: str | Path) -> Path:
+    """``--config VALUE``: a YAML file that exists, else the name of a shipped config
+    (``smollm2-135m-peso-r``, with or without ``.yaml``, from any working directory). Raises a
+    one-line :class:`ConfigError`."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"--config {value}: is a folder, not a YAML file")
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_configs()
+    if len(path.parts) <= 1 or path.parent.resolve() == commands_dir().resolve():
+        if name in shipped:
+            return shipped[name]
+    raise ConfigError(f"--config {value}: no such file and {unknown_config(name)}")
+
+
+def unknown_config(name: str) -> str:
+    """``no shipped config of that name (did you mean X? peso configs lists them)``."""
+    close = difflib.get_close_matches(name, list(shipped_configs()), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"no shipped config named {name!r} ({hint}peso configs lists them)"
+
+
 def embedded_config_path() -> Path:
-    """The config ``peso train`` uses without ``--config``: the tiny model on the shipped data."""
+    """The demo config ``peso train`` uses without ``--config`` on the tiny model: the shipped data."""
     return commands_dir() / EMBEDDED_CONFIG
+
+
+def default_config_path(overrides: dict[str, Any]) -> Path | None:
+    """The YAML a run without ``--config`` starts from: the embedded demo for the built-in tiny model
+    (no ``model.name`` override, or ``tiny``), none for any other model, which gets the dataclass
+    defaults that ``--help`` lists (the demo's lr 1e-2 and 300 steps fit only the random tiny model)."""
+    model = overrides.get("model.name")
+    return embedded_config_path() if model is None or str(model).strip() == "tiny" else None

@@ -1,6 +1,8 @@
 """Errors a user can cause. The CLI prints them as one line (no traceback) and exits non-zero.
 
-Library code raises these; it never calls ``sys.exit``. ``exit_code`` 2 is click's usage-error code.
+Library code raises these; it never calls ``sys.exit``. Exit codes: 2 for usage errors (click's code:
+a bad option or value, a missing or unusable run folder, model or data file), 1 for failures while
+working (disk, numerics), 3 for a path not built yet, 128 + N for signal N (130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ class ConfigError(PesoError):
 
 class DataError(PesoError):
     """A data file that cannot be read or a record that is malformed (message starts ``file:line:``)."""
+
+    exit_code = 2
+
+
+class MissingRunError(PesoError):
+    """A run folder argument that names nothing usable: no such folder, an empty one, no ``final/`` or no
+    such checkpoint. A usage error, so exit 2 (as click's) in every command (train --resume, eval,
+    export, merge, restart-inspect)."""
 
     exit_code = 2
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pesocli.dist import all_reduce_sum, is_distributed
 from pesocli.layers import AdaptedLinear
 from pesocli.linalg import canonical_signs
 
@@ -206,14 +207,6 @@ class _RangeFinderProbe:
         self.coefficients_t = x2.T @ (g2 @ basis)  # G^T Q = (Q^T G)^T
 
 
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-
-
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
     """Sum one pass's products over the processes: one flattened all-reduce (a no-op in one process).
 
@@ -221,10 +214,7 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
     of *all* processes, so each process's ``G`` is its share of the global ``G`` and the shares add
     up to the 1-process ``G`` exactly.
     """
-    if _distributed():
-        from pesocli.train.distributed import all_reduce_sum
-
-        all_reduce_sum(tensors)
+    all_reduce_sum(tensors)
 
 
 def _orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
@@ -340,7 +330,7 @@ def _sketch(
             }
         )
 
-    if config.single_pass and config.batches == 1 and not _distributed():
+    if config.single_pass and config.batches == 1 and not is_distributed():
         single = _single_pass(layers, one_pass, tests, config.power_iters)
         if single is not None:
             return single
@@ -377,7 +367,7 @@ class StepSketch:
     """
 
     def __init__(self, layers: dict[str, AdaptedLinear], rank: int, config: FullGradConfig) -> None:
-        self.usable = not _distributed()
+        self.usable = not is_distributed()
         tests = _test_matrices(layers, rank, config) if self.usable else {}
         self.probes = {n: _RangeFinderProbe(t, config.power_iters) for n, t in tests.items()}
 

@@ -10,6 +10,7 @@ imported inside functions so the CLI's ``--help`` stays instant.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,12 @@ def resolve_model(
     if repo_id is None:
         if name.startswith((".", "/", "~")) or "/" in name or "\\" in name:
             raise ModelError(f"model folder {str(folder)!r} does not exist")
-        aliases = ", ".join(sorted([*MODEL_ALIASES, *GGUF_ALIASES]))
+        names = sorted([*MODEL_ALIASES, *GGUF_ALIASES])
+        close = difflib.get_close_matches(name.lower(), [TINY, *names], n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise ModelError(
-            f"unknown model {name!r}: pass 'tiny', a local folder, a .gguf file, a Hugging Face id "
-            f"(org/name) or an alias ({aliases})"
+            f"unknown model {name!r} ({hint}pass 'tiny', a local folder, a .gguf file, a Hugging Face id "
+            f"(org/name) or an alias: {', '.join(names)})"
         )
     return ResolvedModel(kind="hub_cache", path=_cached_snapshot(repo_id, name, cache_dir), name=name,
                          repo_id=repo_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.errors import PesoError
+from pesocli.errors import MissingRunError, PesoError
 
 if TYPE_CHECKING:
     from pesocli.config import RunConfig
@@ -72,26 +72,26 @@ def checkpoints(run_dir: str | Path) -> dict[int, Path]:
 def state_folder(run_dir: str | Path, checkpoint: int | None = None) -> Path:
     """The state folder to load: ``final/``, or the checkpoint of step ``checkpoint``.
 
-    Raises :class:`PesoError` for a missing or empty run folder, a run without ``final/``
-    (listing its checkpoints) and an unknown step (listing the available ones).
+    Raises :class:`MissingRunError` (exit 2) for a missing or empty run folder, a run without
+    ``final/`` (listing its checkpoints) and an unknown step (listing the available ones).
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
-        raise PesoError(f"run folder {run_dir} does not exist")
+        raise MissingRunError(f"run folder {run_dir} does not exist")
     if not any(run_dir.iterdir()):
-        raise PesoError(f"run folder {run_dir} is empty (no config.yaml, final/ or checkpoints/)")
+        raise MissingRunError(f"run folder {run_dir} is empty (no config.yaml, final/ or checkpoints/)")
     steps = checkpoints(run_dir)
     available = ", ".join(str(s) for s in steps) or "none"
     if checkpoint is None:
         final = run_dir / "final"
         if not (final / "state.json").is_file():
-            raise PesoError(
+            raise MissingRunError(
                 f"{run_dir} has no final/ state (training did not finish?); "
                 f"checkpoints: {available} (pass --checkpoint STEP)"
             )
         return final
     if checkpoint not in steps:
-        raise PesoError(f"{run_dir} has no checkpoint at step {checkpoint}; checkpoints: {available}")
+        raise MissingRunError(f"{run_dir} has no checkpoint at step {checkpoint}; checkpoints: {available}")
     return steps[checkpoint]
 
 

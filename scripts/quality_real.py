@@ -295,8 +295,9 @@ def _restart_effects(restarts: list[dict], losses: list[tuple[int, float]]) -> l
     loss = dict(losses)
     effects = []
     for step, records in sorted(by_step.items()):
-        before = [loss[s] for s in range(step - 4, step + 1) if s in loss]
-        after = [loss[s] for s in range(step + 6, step + 16) if s in loss]
+        # ``step`` is 1-based (read_run_log): the restart ran before step ``step``, after step ``step - 1``
+        before = [loss[s] for s in range(step - 5, step) if s in loss]
+        after = [loss[s] for s in range(step + 5, step + 15) if s in loss]
         angles = [r["principal_angle_deg"] for r in records if r.get("principal_angle_deg") is not None]
         energies = [r["captured_energy"] for r in records if r.get("captured_energy") is not None]
         effects.append({

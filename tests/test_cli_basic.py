@@ -61,9 +61,10 @@ def test_version_reports_the_stack() -> None:
 def test_train_help_documents_every_option() -> None:
     result = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
     assert result.exit_code == 0
+    text = " ".join(result.output.split())  # a long key may wrap inside the help column
     for option, key, *_ in (*CONFIG_OPTIONS, *CONFIG_FLAGS):
         assert option in result.output
-        assert f"config: {key}; default:" in result.output
+        assert f"config: {key}; default:" in text
     for option in ("--config", "--set", "--dry-run", "--restart-every"):
         assert option in result.output
 
@@ -181,3 +182,82 @@ def test_method_help_names_every_registered_method() -> None:
     options = importlib.import_module("pesocli.cli.train").CONFIG_OPTIONS
     method_help = next(text for option, _key, _kind, text in options if option == "--method")
     assert all(name in method_help for name in METHODS), method_help
+
+
+def test_a_model_folder_without_config_gets_the_documented_defaults(fake_training: list, tmp_path) -> None:
+    """The tiny demo's YAML (lr 1e-2, 300 steps, restart_every 100) applies to the tiny model only."""
+    from pesocli.config import CheckpointConfig, OptimConfig, TrainConfig
+    from pesocli.data.config import DataConfig
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    result = CliRunner().invoke(main, ["train", "--model", str(model), "--data", "x.jsonl"])
+    assert result.exit_code == 0, result.output
+    cfg = fake_training[0][0]
+    assert cfg.model.name == str(model)
+    assert cfg.optim.lr == OptimConfig().lr == 2e-4  # what --help advertises
+    assert cfg.method.restart_every == 500 and cfg.method_name == "peso-r"
+    assert cfg.train.max_steps is None and cfg.train.epochs == TrainConfig().epochs
+    assert cfg.train.batch_size == TrainConfig().batch_size
+    assert (cfg.data.max_length, cfg.data.val_split) == (DataConfig().max_length, DataConfig().val_split)
+    assert cfg.checkpoint.every == CheckpointConfig().every
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "default: 0.0002" in help_text and "peso-r: 500" in help_text
+
+    for args in ([], ["--model", "tiny"]):  # the embedded demo: no --model, or the tiny one named
+        assert CliRunner().invoke(main, ["train", *args]).exit_code == 0
+        cfg = fake_training[-1][0]
+        assert (cfg.optim.lr, cfg.train.max_steps, cfg.method.restart_every) == (1e-2, 300, 100)
+
+
+def test_describe_plan_counts_epochs_and_tokens_and_warns_past_a_few_epochs() -> None:
+    from pesocli.train.progress import describe_plan
+
+    line, warning = describe_plan(300, 16, 1425, 53832)
+    assert "300 steps x 16 sequences = 3.37 epochs over 1,425 examples" in line
+    assert "about 181,329 tokens" in line  # 4800 / 1425 passes over 53,832 tokens
+    assert warning is None
+    line, warning = describe_plan(300, 16, 2, 60)
+    assert "2,400.00 epochs" in line
+    assert warning is not None and "2,400.0 passes over 2 training examples" in warning
+
+
+def test_shipped_configs_by_name_list_and_copy(fake_training: list, tmp_path, monkeypatch) -> None:
+    """``--config NAME`` from any working directory; ``peso configs`` lists, ``peso configs cp`` copies."""
+    from pesocli.config import shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # not the repo root: names must still resolve
+    for name in ("smollm2-135m-peso-r", "smollm2-135m-peso-r.yaml"):
+        result = CliRunner().invoke(main, ["train", "--config", name])
+        assert result.exit_code == 0, result.output
+        cfg = fake_training[-1][0]
+        assert (cfg.model.name, cfg.method_name) == ("smollm2-135m", "peso-r")
+    wrong = CliRunner().invoke(main, ["train", "--config", "smollm-135m-peso-r"])
+    assert wrong.exit_code == 2 and "did you mean smollm2-135m-peso-r?" in wrong.output
+    assert wrong.output.count("\n") == 1 and len(fake_training) == 2
+
+    assert "cp" in CliRunner().invoke(main, ["configs", "--help"]).output
+    assert "DEST" in CliRunner().invoke(main, ["configs", "cp", "--help"]).output
+    listed = CliRunner().invoke(main, ["configs"])
+    assert listed.exit_code == 0
+    names = [line.split()[0] for line in listed.output.splitlines()[: len(shipped_configs())]]
+    assert names == list(shipped_configs()) and "tiny-peso-r" in names and "llama-3.1-8b-peso-r" in names
+    copied = CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "mine.yaml"])
+    assert copied.exit_code == 0, copied.output
+    assert (tmp_path / "mine.yaml").read_text() == shipped_configs()["tiny-lora"].read_text()
+    again = CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "mine.yaml"])
+    assert again.exit_code == 2 and "--force" in again.output
+    (tmp_path / "dir").mkdir()
+    assert CliRunner().invoke(main, ["configs", "cp", "tiny-lora", "dir"]).exit_code == 0
+    assert (tmp_path / "dir" / "tiny-lora.yaml").is_file()
+    assert CliRunner().invoke(main, ["configs", "cp", "nope", "x.yaml"]).exit_code == 2
+    result = CliRunner().invoke(main, ["train", "--config", "mine.yaml"])  # a file still wins
+    assert result.exit_code == 0 and fake_training[-1][0].method_name == "lora"
+
+
+def test_shipped_configs_are_package_data() -> None:
+    """``commands/*.yaml`` install with the package (``pesocli._commands``), so names work from a wheel."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"pesocli._commands" = "commands"' in text and '"pesocli._commands" = ["*.yaml"]' in text

@@ -312,7 +312,7 @@ def test_a_restart_with_non_finite_factors_keeps_the_old_subspace(
     assert result.exit_code == 0, result.output
     assert f"restart before step 5: non-finite factors in 1 of 14 layers (first {victim})" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "runs/r/restarts.jsonl").read_text().splitlines()]
-    at_4 = {r["layer"]: r for r in records if r["step"] == 4}
+    at_4 = {r["layer"]: r for r in records if r["step"] == 5}  # 1-based: before step 5
     assert at_4[victim]["kind"] == "kept-old-subspace" and at_4[victim]["anchor_rank"] == 0
     assert sum(r["kind"] == "restart" for r in at_4.values()) == 13
     final = load_file(tmp_path / "runs/r/final/adapters.safetensors")
@@ -421,3 +421,58 @@ def test_a_skipped_restart_step_leaves_the_rescale_pending_and_resume_keeps_it(
     ours, theirs = (load_file(p / "final/optimizer.safetensors") for p in (copy, run))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert [m.get("loss") for m in _metrics(copy)] == [m.get("loss") for m in _metrics(run)]
+
+
+def test_missing_runs_exit_2_in_every_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One convention: a run folder that is not there is a usage error (exit 2), in every command; ``peso
+    eval runs/nope`` says so instead of looking for a Hugging Face model ``runs/nope``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for args in (["eval", "runs/nope"], ["export", "runs/nope", "--out", "x"],
+                 ["merge", "runs/nope", "--out", "x"], ["restart-inspect", "runs/nope"],
+                 ["train", "--resume", "runs/nope"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        line = result.output.strip()
+        assert "\n" not in line and "runs/nope does not exist" in line, (args, line)
+        assert "Hugging Face" not in line and "Traceback" not in line
+
+
+def test_an_unknown_alias_gets_a_did_you_mean(tmp_path: Path) -> None:
+    line = _fails(tmp_path, "--model", "llama3.1-8b")
+    assert "unknown model 'llama3.1-8b' (did you mean llama-3.1-8b?" in line
+
+
+def test_ctrl_c_is_reported_as_an_interruption_not_an_error(capsys: pytest.CaptureFixture) -> None:
+    from pesocli.cli.common import report_failure
+    from pesocli.errors import Interrupted
+
+    code = report_failure(Interrupted("SIGINT after step 2 of 5: wrote a full checkpoint to X", 2))
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted: SIGINT after step 2 of 5: wrote a full checkpoint to X\n"
+
+
+def test_the_signal_note_starts_its_own_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the note must not be glued after the progress bar's text: it starts with a newline."""
+    import os
+    import signal
+    import sys
+
+    from pesocli.train.guards import StopSignals
+
+    read, write = os.pipe()
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            return write
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    stops = StopSignals()
+    stops._handle(signal.SIGINT, None)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read().startswith("\nreceived SIGINT: finishing this step")
+    assert stops.signum == signal.SIGINT

@@ -407,3 +407,16 @@ def test_eval_help() -> None:
         "--out",
     ):
         assert option in result.output
+
+
+def test_a_second_eval_keeps_the_first(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    args = [str(run_dir), "--metric", "perplexity", "--out", str(out), "--limit", "3", "--quiet"]
+    first = CliRunner().invoke(main, ["eval", *args])
+    assert first.exit_code == 0, first.output
+    before = (out / "eval.json").read_text()
+    second = CliRunner().invoke(main, ["eval", *args])
+    assert second.exit_code == 0, second.output
+    assert "holds an earlier eval, kept as it is" in " ".join(second.output.split())
+    assert (out / "eval.json").read_text() == before
+    assert json.loads((tmp_path / "ev-2" / "eval.json").read_text())["results"]

@@ -454,7 +454,7 @@ def test_cli_usage_errors_are_one_line(run_dirs, tmp_path: Path) -> None:
     assert runner.invoke(main, ["export"]).exit_code == 2
     assert runner.invoke(main, ["export", str(run_dirs["lora"])]).exit_code == 2  # no --out
     missing = runner.invoke(main, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert missing.exit_code == 1 and missing.output.startswith("error: run folder")
+    assert missing.exit_code == 2 and missing.output.startswith("error: run folder")
     assert "Traceback" not in missing.output
 
 
@@ -516,3 +516,62 @@ def test_dense_anchor_exports_exactly(tmp_path: Path) -> None:
     export_run(run, "merged", tmp_path / "m", opts())
     assert rel(model_logits(reload(tmp_path / "a" / "base", tmp_path / "a"), ids), reference) < TOL
     assert rel(model_logits(reload(tmp_path / "m"), ids), reference) < TOL
+
+
+def test_cli_merge_says_what_the_folder_is_and_serves_it_with_the_runs_adapter(
+    run_dirs, loaded, tmp_path: Path
+) -> None:
+    """``peso merge RUN`` (no --include-adapter) is ``W0 + anchor``: the CLI and README say it is not the
+    trained model, check it against ``W0 + anchor``, and serve it with the run's final adapter, which on
+    top of it gives the trained model's logits."""
+    run_dir = run_dirs["peso-r"]
+    out = tmp_path / "w"
+    result = CliRunner().invoke(main, ["merge", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "WITHOUT the final adapter, so it is not the trained model" in text
+    assert "vs W0 + anchor (what it should equal" in text and "vs the trained model" not in text
+    adapter = run_dir / "export" / "anchored" / "adapter"
+    assert f"--enable-lora --lora-modules peso={adapter} --max-lora-rank 8" in text
+    readme = (out / "README.md").read_text()
+    assert "Written by `peso merge`" in readme and "**not the trained model**" in readme
+    assert f"peso={adapter}" in readme and f"peso={adapter}" in (out / "serve.sh").read_text()
+    ids = tokens()
+    served = model_logits(reload(out, adapter), ids)
+    assert rel(served, model_logits(loaded["peso-r"].model, ids)) < TOL
+
+    copy = tmp_path / "run-copy"  # a run without its anchored export: point to --include-adapter
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    result = CliRunner().invoke(main, ["merge", str(copy), "--out", str(tmp_path / "w2"), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert "pass --include-adapter" in " ".join(result.output.split())
+    full = CliRunner().invoke(main, ["merge", str(copy), "--out", str(tmp_path / "w3"), "--no-verify",
+                                     "--include-adapter"])
+    assert full.exit_code == 0 and "wrote merged model to" in full.output
+    assert "Written by `peso merge`" in (tmp_path / "w3" / "README.md").read_text()
+
+
+def test_export_and_merge_refuse_an_existing_out_before_loading_anything(
+    run_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    cli_export = importlib.import_module("pesocli.cli.export")  # the module, not the command it defines
+    cli_merge = importlib.import_module("pesocli.cli.merge")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(cli_export, "load", never)
+    monkeypatch.setattr(cli_merge, "load", never)
+    (tmp_path / "taken").mkdir()
+    for command in ("export", "merge"):
+        result = CliRunner().invoke(main, [command, str(run_dirs["lora"]), "--out", str(tmp_path / "taken")])
+        assert result.exit_code == 1 and "exists; pass --force" in result.output, result.output
+
+
+def test_anchored_manifest_names_no_base_folder_it_does_not_have(run_dirs) -> None:
+    """The train-time anchored export of a tiny run: no ``base/`` folder, and the manifest says none."""
+    root = run_dirs["peso-r"] / "export" / "anchored"
+    manifest = json.loads((root / "peso_export.json").read_text())
+    assert not (root / "base").exists() and "base/" not in manifest["base_model_served"]

@@ -331,7 +331,7 @@ def test_trainer_with_previous_step_source_restarts_without_passes(tmp_path, mon
     }
     result = train_embedded(tmp_path, overrides)
     restarts = [json.loads(line) for line in (result.run_dir / "restarts.jsonl").read_text().splitlines()]
-    assert sorted({r["step"] for r in restarts}) == [0, 10, 20, 30]
+    assert sorted({r["step"] for r in restarts}) == [1, 11, 21, 31]  # 1-based
     assert estimates_calls == [1]  # only step 0's restart ran a pass: no step precedes it
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]

@@ -1,7 +1,8 @@
 """``peso restart-inspect``: the per-restart table, JSON, layer drill-down, PNGs, runs still being written.
 
-One short ``peso-r`` run (40 steps, restarts before steps 0/10/20/30, loss logged every step) is
-trained once for the module; the other cases are synthetic ``restarts.jsonl`` files.
+One short ``peso-r`` run (40 steps, restarts before steps 1/11/21/31 counted from 1 as everywhere, loss
+logged every step) is trained once for the module; the other cases are synthetic ``restarts.jsonl`` files
+(one of them in the old 0-based version).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def test_table_lists_every_restart(run_dir: Path) -> None:
     for header in ("energy", "σ1", "angle°", "anchor", "seconds", "loss", "+10"):
         assert header in output
     rows = [
-        line.split() for line in output.splitlines() if line.split()[:1] in (["0"], ["10"], ["20"], ["30"])
+        line.split() for line in output.splitlines() if line.split()[:1] in (["1"], ["11"], ["21"], ["31"])
     ]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("0", "init", "14"),
-        ("10", "restart", "14"),
-        ("20", "restart", "14"),
-        ("30", "restart", "14"),
+        ("1", "init", "14"),
+        ("11", "restart", "14"),
+        ("21", "restart", "14"),
+        ("31", "restart", "14"),
     ]
 
 
@@ -56,7 +57,7 @@ def test_json_summary(run_dir: Path) -> None:
     doc = json.loads(_inspect([str(run_dir), "--json"]))
     assert doc["method"] == "peso-r" and doc["complete"] and doc["layers"] == 14
     events = doc["restarts"]
-    assert [e["step"] for e in events] == [0, 10, 20, 30]
+    assert [e["step"] for e in events] == [1, 11, 21, 31]
     assert [e["kind"] for e in events] == ["init", "restart", "restart", "restart"]
     metrics = {
         m["step"]: m["loss"]
@@ -68,11 +69,11 @@ def test_json_summary(run_dir: Path) -> None:
         assert 0 < e["energy_min"] <= e["energy_median"] <= 1 + 1e-6
         assert 0 < e["sigma1_median"] <= e["sigma1_max"]
         assert e["seconds"] > 0
-        assert e["loss_after_step"] == e["step"] + 10 and e["loss_after"] == metrics[e["step"] + 10]
-        if e["step"] == 0:
+        assert e["loss_after_step"] == e["step"] + 9 and e["loss_after"] == metrics[e["step"] + 9]
+        if e["step"] == 1:
             assert e["loss_before"] is None and e["angle_median"] is None
         else:
-            assert e["loss_before"] == metrics[e["step"]]
+            assert e["loss_before"] == metrics[e["step"] - 1]
             assert 0 <= e["angle_median"] <= e["angle_max"] <= 90
     ranks = [e["anchor_rank_max"] for e in events]
     assert ranks[0] == 0 and ranks[1] > 0 and ranks == sorted(ranks)
@@ -82,7 +83,7 @@ def test_layer_drill_down(run_dir: Path) -> None:
     doc = json.loads(_inspect([str(run_dir), "--json", "--layer", "q_proj"]))
     records = doc["layer_records"]
     assert sorted(records) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert all([r["step"] for r in rs] == [0, 10, 20, 30] for rs in records.values())
+    assert all([r["step"] for r in rs] == [1, 11, 21, 31] for rs in records.values())
     assert len(records["model.layers.0.self_attn.q_proj"][0]["top_singular_values"]) == 8
     glob = json.loads(_inspect([str(run_dir), "--json", "--layer", "*.layers.1.mlp.*"]))["layer_records"]
     assert sorted(n.rsplit(".", 1)[1] for n in glob) == ["down_proj", "gate_proj", "up_proj"]
@@ -119,20 +120,21 @@ def test_run_still_being_written(run_dir: Path, tmp_path: Path) -> None:
     live = tmp_path / "live"
     shutil.copytree(run_dir, live, ignore=shutil.ignore_patterns("final", "summary.json"))
     lines = (live / "restarts.jsonl").read_text().splitlines(keepends=True)
-    kept = lines[: 3 * 14 + 5]  # events 0/10/20 complete, 5 layers of event 30
+    kept = lines[: 3 * 14 + 5]  # events 1/11/21 complete, 5 layers of event 31
     (live / "restarts.jsonl").write_text("".join(kept) + lines[3 * 14 + 5][:40])
     metrics = (live / "metrics.jsonl").read_text()
     (live / "metrics.jsonl").write_text(metrics[: metrics.index('{"step": 34')] + '{"step": 34, "lo')
     doc = json.loads(_inspect([str(live), "--json"]))
     assert not doc["complete"] and doc["skipped_partial_lines"] == 2
     last = doc["restarts"][-1]
-    assert last["step"] == 30 and last["layers"] == 5 and last["partial"]
+    assert last["step"] == 31 and last["layers"] == 5 and last["partial"]
     assert last["loss_after"] is None  # step 40 is not logged yet
     assert "in progress" in _inspect([str(live)]) and "(partial)" in _inspect([str(live)])
 
 
 def test_other_methods_and_runs_without_restarts(tmp_path: Path) -> None:
-    """Any method's ``RestartRecord`` lines summarise (a GaLore-style subspace event, no anchor)."""
+    """Any method's ``RestartRecord`` lines summarise (a GaLore-style subspace event, no anchor), also
+    from an older run folder whose records have no ``version`` and count steps from 0."""
     run = tmp_path / "galore"
     run.mkdir()
     (run / "config.yaml").write_text("method:\n  name: galore\n")
@@ -158,7 +160,8 @@ def test_other_methods_and_runs_without_restarts(tmp_path: Path) -> None:
         "".join(json.dumps({"step": s, "loss": 3.0 - s / 100}) + "\n" for s in range(1, 61))
     )
     summaries = summarize(read_run_log(run))
-    assert [(s.step, s.kind, s.layers) for s in summaries] == [(0, "subspace", 2), (50, "subspace", 2)]
+    # read 1-based: the old step 50 ran before the 51st step, after metrics step 50
+    assert [(s.step, s.kind, s.layers) for s in summaries] == [(1, "subspace", 2), (51, "subspace", 2)]
     assert summaries[1].energy_min == pytest.approx(0.5) and summaries[1].angle_max == pytest.approx(31.0)
     assert summaries[1].seconds == pytest.approx(0.02)  # no seconds_total: the layers' sum
     assert summaries[1].loss_before == pytest.approx(2.5) and summaries[1].loss_after == pytest.approx(2.4)
@@ -169,9 +172,9 @@ def test_other_methods_and_runs_without_restarts(tmp_path: Path) -> None:
 
 def test_not_a_run_folder(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["restart-inspect", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, as in every command (README: exit codes)
     assert (
-        result.output == f"error: {tmp_path}: not a peso run folder (no config.yaml, metrics.jsonl or "
+        result.output == f"error: {tmp_path} is not a peso run folder (no config.yaml, metrics.jsonl or "
         "restarts.jsonl)\n"
     )
 

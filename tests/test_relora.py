@@ -235,7 +235,7 @@ def test_trains_the_embedded_default_with_a_jagged_lr(relora_run):
     assert result.final_loss < 0.8 * result.initial_loss and result.restarts == 2
     lines = [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * 14  # one record per layer and restart (2 blocks x 7 projections)
-    assert {r["step"] for r in lines} == {15, 30} and {r["kind"] for r in lines} == {"restart"}
+    assert {r["step"] for r in lines} == {16, 31} and {r["kind"] for r in lines} == {"restart"}
     assert all(r["extra"]["merged_norm"] > 0 and 0.99 < r["extra"]["pruned_fraction"] < 1 for r in lines)
     lrs = {r["step"] - 1: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
            if "lr" in r}

@@ -358,3 +358,33 @@ def test_every_method_resumes_exactly_across_a_restart(tmp_path: Path, name: str
         assert mine.keys() == ref.keys()
         for key in ref:
             assert torch.allclose(mine[key], ref[key], rtol=1e-6, atol=1e-12), (file, key)
+
+
+def test_checkpoints_are_on_by_default_by_steps_and_by_wall_time() -> None:
+    from pesocli.config import CheckpointConfig
+
+    assert (CheckpointConfig().every, CheckpointConfig().every_minutes) == (500, 30.0)
+    cfg = load_config(None, {"model.name": "some/model"})
+    assert cfg.checkpoint.every == 500 and cfg.checkpoint.every_minutes == 30.0
+
+
+@pytest.mark.slow  # ~15 s (a subprocess, 40 steps, a resume); the step-checkpoint one above is default
+def test_sigkill_after_a_checkpoint_by_wall_time_resumes_exactly(tmp_path: Path, reference: Path) -> None:
+    """No step checkpoints (``--checkpoint-every 0``): the wall-time ones alone make kill -9 resumable,
+    and a checkpoint holds adapters, anchors, optimizer and RNG, never the base weights."""
+    run = tmp_path / "killed"
+    proc = _train(*ARGS, "--checkpoint-every", "0", "--checkpoint-minutes", "0.002",
+                  "--output-dir", str(tmp_path), "--run-name", "killed")  # fmt: skip
+    _run_until(proc, run, 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not (run / "final").exists()
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert saved  # with checkpoint.every 0, every checkpoint came from the clock
+    assert sorted(p.name for p in saved[-1].iterdir()) == [
+        "adapters.safetensors", "anchors.safetensors", "manifest.json", "optimizer.safetensors",
+        "rng.safetensors", "state.json",
+    ]  # fmt: skip
+    result = _invoke("--resume", str(run))
+    assert result.exit_code == 0, result.output
+    _assert_same_run(run, reference)

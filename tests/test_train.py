@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,9 @@ def test_short_run_writes_the_run_folder_and_learns(tmp_path: Path, method: str)
         assert restarts == []
         assert all(t.numel() == 0 for t in anchors.values())
     else:
-        assert sorted({r["step"] for r in restarts}) == [0, 15, 30]
+        assert sorted({r["step"] for r in restarts}) == [1, 16, 31]  # 1-based: before steps 1, 16, 31
         assert len(restarts) == 3 * 14
-        later = [r for r in restarts if r["step"] > 0]
+        later = [r for r in restarts if r["step"] > 1]
         assert all(
             0 < r["captured_energy"] <= 1 + 1e-6 and r["principal_angle_deg"] is not None for r in later
         )
@@ -272,3 +273,113 @@ def test_lm_loss_projects_only_from_the_first_trained_position() -> None:
         assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7)
     nothing = {**batch, "labels": torch.full_like(labels, -100)}
     assert float(lm_loss(model, nothing).detach()) == 0.0
+
+
+def test_a_plan_of_many_epochs_is_announced_with_a_warning(tmp_path: Path) -> None:
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus {i} is {2 * i}"}) + "\n" for i in range(2)))
+    args = ["train", "--data", str(data), "--max-steps", "5", "--batch-size", "2", "--method", "lora",
+            "--export", "none", "--output-dir", str(tmp_path), "--run-name", "r", "--set", "data.val_split=0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "plan: 5 steps x 2 sequences = 5.00 epochs over 2 examples" in result.output
+    assert "warning: the plan is 5.0 passes over 2 training examples" in result.stderr
+
+
+def test_restart_steps_are_1_based_everywhere_and_flagged_in_metrics(tmp_path: Path) -> None:
+    """Restarts before the 1st, 6th and 11th step (every 5): ``restarts.jsonl`` says steps 1, 6, 11 (version
+    2), and ``metrics.jsonl`` logs those steps (although only every 5th is logged) with ``restart: true``."""
+    result = run_training(_cfg(tmp_path, **{"train.max_steps": 12, "method.restart_every": 5,
+                                            "train.log_every": 5, "train.eval_every": 0,
+                                            "train.export": "none"}))
+    run = result.run_dir
+    restarts = [json.loads(line) for line in (run / "restarts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in restarts}) == [1, 6, 11] and {r["version"] for r in restarts} == {2}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {m["step"]: m["restart"] for m in metrics if "loss" in m}
+    assert logged == {1: True, 5: False, 6: True, 10: False, 11: True, 12: False}
+
+
+def test_progress_at_80_columns_keeps_step_total_and_eta_and_announces_restarts_and_evals(
+    tmp_path: Path,
+) -> None:
+    from rich.console import Console
+
+    from pesocli.train.progress import Reporter
+
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    reporter = Reporter(12, console=console)
+    cfg = _cfg(tmp_path, **{"train.max_steps": 12, "method.restart_every": 5, "train.eval_every": 6,
+                            "train.quiet": False, "train.export": "none"})
+    run_training(cfg, reporter=reporter)
+    text = console.export_text()
+    assert re.findall(r"restart before step (\d+): 14 layers", text) == ["1", "6", "11"]
+    assert "captured energy (median)" in text and "loss before" in text
+    assert re.findall(r"step (\d+): eval loss", text) == ["6", "12"]
+    last = _bar_line(reporter, 80)
+    assert len(last) <= 80 and "…" not in last
+    assert re.search(r"12/12 \d:\d\d:\d\d \d:\d\d:\d\d loss \d", last), last
+
+
+def _bar_line(reporter, width: int) -> str:
+    """The progress bar's current line as a terminal of ``width`` columns shows it."""
+    import io
+
+    from rich.console import Console
+
+    snap = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    snap.print(reporter._progress.get_renderable())
+    return snap.export_text().rstrip("\n")
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_the_bar_drops_secondary_fields_first(width: int) -> None:
+    from rich.console import Console
+
+    from pesocli.train.progress import Reporter
+
+    console = Console(width=width, force_terminal=True, color_system=None, file=__import__("io").StringIO())
+    metrics = {"loss": 1.2345, "lr": 2e-4, "tokens_per_s": 12345.0, "peak_memory_bytes": 400 * 2**20,
+               "next_restart_in": 88}
+    with Reporter(300, console=console) as reporter:
+        reporter.step(11, metrics)
+        line = _bar_line(reporter, width)
+    assert len(line) <= width and "…" not in line and re.search(r" 12/300 \d:\d\d:\d\d \S+", line), line
+    if width >= 80:
+        assert "loss 1.2345  restart in 88" in line
+    if width >= 200:
+        assert "lr 2.00e-04  12345 tok/s  mem 400 MiB" in line
+
+
+def test_a_plain_lora_run_on_a_model_folder_exports_the_adapter_not_a_copy(tmp_path: Path) -> None:
+    """Empty anchor: ``RUN/export/anchored`` is the adapter on the base folder (no model copy); reloaded on
+    that folder with PEFT it gives the trained logits; the summary says how much was written where."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pesocli.runs import load_run
+
+    model_dir = tmp_path / "model"
+    _save_tiny_family(model_dir, "qwen2")
+    args = ["train", "--model", str(model_dir), "--method", "lora", "--max-steps", "3", "--lr", "1e-2",
+            "--set", "data.limit=32", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(main, args)  # the summary table on one line per row
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs/r/export/anchored"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "peso_export.json", "serve.sh"]
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model_dir)
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    text = " ".join(result.output.split())
+    assert f"written to {out} (the adapter only: the base {model_dir} is used in place" in text
+    assert any(unit in text for unit in ("KiB written", "MiB written")) and written < 2**20
+    assert f"vllm serve {model_dir}" in (out / "README.md").read_text()
+
+    trained = load_run(tmp_path / "runs/r")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    served = PeftModel.from_pretrained(plain, out / "adapter").eval()
+    with torch.no_grad():
+        reference = trained.model(input_ids=ids).logits
+        error = (served(input_ids=ids).logits - reference).abs().max() / reference.abs().max()
+    assert float(error) < 1e-4

@@ -10,6 +10,7 @@ import click
 
 from pesocli import __version__
 from pesocli.cli.common import version_report
+from pesocli.cli.configs import configs
 from pesocli.cli.eval import eval_command
 from pesocli.cli.export import export
 from pesocli.cli.inspect import restart_inspect
@@ -39,3 +40,4 @@ main.add_command(eval_command)
 main.add_command(restart_inspect)
 main.add_command(export)
 main.add_command(merge)
+main.add_command(configs)

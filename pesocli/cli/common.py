@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pesocli.errors import PesoError
+from pesocli.errors import Interrupted, PesoError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,7 +52,8 @@ def run_command(fn: F) -> F:
 def report_failure(exc: BaseException) -> int:
     """Print what ``peso`` prints when ``exc`` ends a command; return the exit code it ends with.
 
-    A :class:`PesoError` is ``error: <message>`` (its ``exit_code``), Ctrl-C ``interrupted`` (130),
+    A :class:`PesoError` is ``error: <message>`` (its ``exit_code``), the trainer's checkpointed stop on
+    SIGINT/SIGTERM ``interrupted: <message>`` (130/143), a bare Ctrl-C ``interrupted`` (130),
     both as tracebacks under ``--debug``; anything else is a bug and shows its traceback (1). A
     ``SystemExit`` keeps its code (a text code is printed and exits 1, as Python does).
     """
@@ -65,7 +66,10 @@ def report_failure(exc: BaseException) -> int:
     if debug_enabled() or not isinstance(exc, (PesoError, KeyboardInterrupt)):
         traceback.print_exception(exc, file=sys.stderr)
     else:
-        click.echo(f"error: {exc}" if isinstance(exc, PesoError) else "interrupted", err=True)
+        if isinstance(exc, Interrupted):  # asked for, not a failure: what was saved and how to go on
+            click.echo(f"interrupted: {exc}", err=True)
+        else:
+            click.echo(f"error: {exc}" if isinstance(exc, PesoError) else "interrupted", err=True)
     return code
 
 

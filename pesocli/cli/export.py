@@ -93,8 +93,17 @@ def export(run: Path | None, fmt: str, out: Path | None, max_rank: int, max_erro
     options = ExportOptions(dtype=dtype, max_rank=max_rank, max_error=max_error, allow_lossy=allow_lossy,
                             adapter_name=adapter_name, force=force, check=not skip_check, verify=verify,
                             base_weights=base_weights)
+    refuse_existing(out, force)
     loaded = load(run, checkpoint, device)
     export_run(loaded, fmt, out, options, say=click.echo)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """An existing ``--out`` without ``--force`` is refused before any model is loaded."""
+    from pesocli.errors import PesoError
+
+    if out.exists() and not force:
+        raise PesoError(f"{out} exists; pass --force to replace it")
 
 
 def load(run: Path, checkpoint: int | None, device: str):

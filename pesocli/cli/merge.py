@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pesocli.cli.common import run_command
-from pesocli.cli.export import load, output_options
+from pesocli.cli.export import load, output_options, refuse_existing
 
 
 @click.command(context_settings={"max_content_width": 110})
@@ -22,14 +22,18 @@ def merge(run: Path, out: Path, include_adapter: bool, checkpoint: int | None, d
           device: str, verify: bool, skip_check: bool, base_weights: str) -> None:
     """Write W~ = W0 + anchor of RUN (a run folder) as one model folder that vLLM serves.
 
-    Without --include-adapter the result is the base of the anchored export: serve it with the
-    run's final adapter, or continue training from it. For a run on a quantised backbone, W0 is the
-    dequantised base it trained on (--base-weights original: the full-precision weights); the
-    logits difference between the two is printed.
+    Without --include-adapter the result is NOT the trained model: it is the base with the restart
+    history folded in, the final adapter left out (its logits are checked against W0 + anchor). Serve
+    it with the run's final adapter (the printed command uses RUN/export/anchored/adapter when the
+    run has one), or continue training from it; --include-adapter writes the trained model itself.
+
+    For a run on a quantised backbone, W0 is the dequantised base it trained on (--base-weights
+    original: the full-precision weights); the logits difference between the two is printed.
     """
     from pesocli.export import ExportOptions, merge_run
 
     options = ExportOptions(dtype=dtype, force=force, check=not skip_check, verify=verify,
                             base_weights=base_weights)
+    refuse_existing(out, force)
     loaded = load(run, checkpoint, device)
     merge_run(loaded, out, include_adapter=include_adapter, options=options, say=click.echo)

@@ -53,6 +53,16 @@ def default_out_dir(target: Target) -> Path:
     return Path("peso-eval") / target.name
 
 
+def fresh_out_dir(out: Path) -> Path:
+    """``out``, or when it already holds an ``eval.json`` the first free ``out-2``, ``out-3``, ...: an
+    eval never overwrites an earlier one."""
+    candidate, n = out, 1
+    while (candidate / "eval.json").exists():
+        n += 1
+        candidate = out.with_name(f"{out.name}-{n}")
+    return candidate
+
+
 def run_eval(spec: str, cfg: EvalConfig, console: Console | None = None) -> EvalReport:
     """Evaluate ``spec`` (a run folder, an export or model folder, or a model id) as ``cfg`` says."""
     started = time.perf_counter()
@@ -103,7 +113,10 @@ def run_eval(spec: str, cfg: EvalConfig, console: Console | None = None) -> Eval
         assert data is not None
         results = _measure(backend, data, metrics, cfg, template_name, max_length)
 
-    out_dir = Path(cfg.out) if cfg.out is not None else default_out_dir(target)
+    asked = Path(cfg.out) if cfg.out is not None else default_out_dir(target)
+    out_dir = fresh_out_dir(asked)
+    if out_dir != asked:
+        console.print(f"{asked} holds an earlier eval, kept as it is; this one goes to {out_dir}")
     document = {
         "peso_version": __version__,
         "target": {**target.describe(), "step": step, "hash": target_hash(target)},

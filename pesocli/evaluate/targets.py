@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.errors import ConfigError, ModelError, PesoError
+from pesocli.errors import ConfigError, MissingRunError, ModelError, PesoError
 from pesocli.hashing import sha256
 
 if TYPE_CHECKING:
@@ -126,10 +126,26 @@ def resolve_target(spec: str, checkpoint: int | None = None, base: str | None = 
             f"{folder} {what}: expected a run folder (config.yaml, final/), an export (model/, adapter/), "
             "a model folder (config.json) or a PEFT adapter folder (adapter_config.json)"
         )
+    if _names_a_local_path(spec):
+        raise MissingRunError(f"run or model folder {spec} does not exist (nothing at {folder.absolute()})")
     if checkpoint is not None:
         raise ConfigError(f"--checkpoint applies to run folders; {spec!r} is not one")
     resolved = resolve_model(spec)  # ModelError (one line) when it is not on this machine
     return Target("model", spec, resolved.path, model=resolved.spec)
+
+
+def _names_a_local_path(spec: str) -> bool:
+    """Whether ``spec``, which is not a folder, was meant as one (``runs/nope`` when ``runs/`` exists,
+    ``./x``, ``/x``, ``~/x``, ``x/``), not as a model id or alias: then "no such folder" is the answer,
+    not the Hugging Face cache's. ``.gguf`` files are left to the model resolver."""
+    from pesocli.gguf_models import is_gguf_path
+
+    path = Path(spec).expanduser()
+    if path.exists() or is_gguf_path(spec):
+        return False
+    if spec.startswith((".", "/", "~")) or spec.endswith(("/", "\\")):
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
 def _adapter_base(folder: Path) -> str:

@@ -51,6 +51,7 @@ from pesocli.export.model_folder import (
     write_model_folder,
 )
 from pesocli.export.readme import ServeSpec, write_readme
+from pesocli.inspect.runlog import restart_step
 from pesocli.layers import base_weight
 from pesocli.runs import LoadedRun
 
@@ -181,6 +182,7 @@ class _Exporter:
             "merge-full": lambda tmp: self._model_only(tmp, adapter=True),
         }[kind]
         fmt = "merged" if kind.startswith("merge") else kind
+        self.includes_adapter = kind != "merge"
         self._choose_base_weights(fmt)
         fit = self._fit(fmt) if fmt in ("anchored", "adapter") else None
         needed = self._estimate_bytes(fmt, fit)
@@ -188,18 +190,46 @@ class _Exporter:
             parts, serve, reference = plan(tmp) if fit is None else plan(tmp, fit)
             errors = self._verify(tmp, parts, reference) if self.options.verify else {}
             info = self._manifest_info(kind, fmt, parts, serve, fit, errors)
-            write_readme(tmp, self.out, serve, self._readme_values(kind, fmt, parts, fit, errors))
+            write_readme(tmp, self.out, serve, self._readme_values(kind, fmt, parts, fit, errors,
+                                                                   serve.lora_path is not None))
             manifest = write_manifest(tmp, info)
             if self.options.check:
                 problems = check_path(tmp)
                 if problems:
                     raise PesoError("the export fails its own vLLM check (nothing was written):\n"
                                     + "\n".join(f"  {p}" for p in problems))
-        self.say(f"wrote {fmt} export to {self.out}")
-        self.say(f"serve: {serve.command()}")
+        if kind == "merge":
+            self.say(f"wrote W~ = W0 + anchor to {self.out}: the base with the restart history folded in, "
+                     "WITHOUT the final adapter, so it is not the trained model")
+            if serve.lora_path is not None:
+                self.say(f"serve the trained model (this folder + the run's final adapter): "
+                         f"{serve.command()}")
+            else:
+                self.say(f"the run has no exported final adapter of step {self.run_.step}: for the trained "
+                         f"model pass --include-adapter (one dense folder), or write the adapter with "
+                         f"peso export {self.run_.run_dir} --format anchored; this folder alone: "
+                         f"{serve.command()}")
+        else:
+            self.say(f"wrote {'merged model' if kind == 'merge-full' else fmt + ' export'} to {self.out}")
+            self.say(f"serve: {serve.command()}")
         return ExportResult(fmt, self.out, serve, manifest, errors, fit)
 
+    def _adapter_only(self) -> bool:
+        """``anchored`` with an empty anchor (plain ``lora``, or no restart yet) on a base that has a folder
+        or id: ``W0 + anchor`` is the base itself, so the adapter points at it instead of a full copy.
+
+        Not for a base that exists only in memory (tiny, GGUF) or a quantised run (its ``W0`` choice)."""
+        return (not self.base.ships and self.run_.cfg.model.quant == "none"
+                and all(layer.anchor.rank == 0 for layer in self.layers.values()))
+
     def _anchored(self, tmp: Path, fit: RankFit):
+        if self._adapter_only():
+            base_name = self.base.serve_name
+            self._write_adapter(tmp / "adapter", fit, base=base_name)
+            serve = ServeSpec(base_name, DTYPE_NAMES[self.dtype], self.options.adapter_name,
+                              self.out / "adapter", fit.rank)
+            parts = {"adapter": "adapter", "adapter_base_external": base_name}
+            return parts, serve, self._reference(anchor_only=False)
         self._write_model(tmp / "model", adapter=False)
         self._write_adapter(tmp / "adapter", fit, base=self.out / "model")
         serve = ServeSpec(str(self.out / "model"), DTYPE_NAMES[self.dtype], self.options.adapter_name,
@@ -223,6 +253,11 @@ class _Exporter:
     def _model_only(self, tmp: Path, *, adapter: bool):
         self._write_model(tmp, adapter=adapter)
         serve = ServeSpec(str(self.out), DTYPE_NAMES[self.dtype])
+        if not adapter:
+            # W0 + anchor alone is not the trained model: serve it with the run's final adapter
+            found = run_adapter(self.run_)
+            if found is not None:
+                serve = ServeSpec(str(self.out), DTYPE_NAMES[self.dtype], self.options.adapter_name, *found)
         return {"model": "."}, serve, self._reference(anchor_only=not adapter)
 
     # ------------------------------------------------------------------------------- writers
@@ -308,6 +343,8 @@ class _Exporter:
             return {}
         original = self.quant.get("base_weights") == "original"
         against = "the trained adapters on the original base" if original else "the trained model"
+        if "adapter" not in parts and not self.includes_adapter:
+            against = "W0 + anchor (what it should equal: the trained model without its final adapter)"
         self.say(f"logits of the reloaded export ({label}, {DTYPE_NAMES[self.dtype]}) vs {against}: "
                  f"relative error {error:.2e}")
         return {label: error}
@@ -321,7 +358,8 @@ class _Exporter:
         model_bytes = sum(math.prod(source.shape) for source in sources) * itemsize
         adapter_bytes = 0 if fit is None else sum(
             (p.lora_A.numel() + p.lora_B.numel()) * itemsize for p in fit.pairs.values())
-        copies = 1 if fmt != "adapter" or self.base.ships else 0
+        in_place = (fmt == "adapter" and not self.base.ships) or (fmt == "anchored" and self._adapter_only())
+        copies = 0 if in_place else 1
         return model_bytes * copies + adapter_bytes
 
     def _manifest_info(self, kind: str, fmt: str, parts: dict[str, str], serve: ServeSpec,
@@ -371,10 +409,17 @@ class _Exporter:
         return info
 
     def _readme_values(self, kind: str, fmt: str, parts: dict[str, str], fit: RankFit | None,
-                       errors: dict[str, float]) -> dict[str, Any]:
+                       errors: dict[str, float], serve_has_adapter: bool = False) -> dict[str, Any]:
         run = self.run_
         out = self.out
-        if fmt == "anchored":
+        if fmt == "anchored" and "model" not in parts:
+            title = "peso export: anchored (empty anchor: the adapter on the untouched base)"
+            layout = (f"- `{out / 'adapter'}`: the final adapter as a PEFT LoRA (rank {fit.rank}, exact rank "
+                      f"{fit.exact_rank}) on the base `{self.base.serve_name}`, untouched.\n\nThe anchor is "
+                      "empty (no restart absorbed anything), so `W~ = W0 + anchor` is the base itself and "
+                      "no copy of it was written.")
+            notes = f"`--max-lora-rank {fit.rank}` is the adapter's rank (one of vLLM's allowed values)."
+        elif fmt == "anchored":
             title = "peso export: anchored model + adapter"
             layout = (f"- `{out / 'model'}`: the model folder with `W~ = W0 + anchor` (the base plus the "
                       f"absorbed restart history).\n- `{out / 'adapter'}`: the final adapter as a PEFT LoRA "
@@ -397,6 +442,16 @@ class _Exporter:
                      else "peso export: merged model")
             layout = f"- `{out}`: one dense model folder holding {what}."
             notes = "No LoRA: serve it like any model."
+            if kind == "merge":
+                layout += ("\n\nThis is **not the trained model**: the final adapter (rank "
+                           f"{run.cfg.method.rank}) is left out. Serve it with that adapter (below), "
+                           "merge with `--include-adapter` for one dense folder of the trained model, or "
+                           "continue training from it.")
+                notes = ("The command above adds the run's final adapter (from its anchored export of "
+                         "the same step)." if serve_has_adapter else
+                         f"The command above serves `W0 + anchor` alone. For the trained model, write the "
+                         f"final adapter with `peso export {run.run_dir} --format anchored` and add it "
+                         "with `--enable-lora --lora-modules`, or merge with `--include-adapter`.")
         if self.base.gguf is not None:
             notes += (f"\n\n`W0` is the base dequantised from `{self.base.gguf}` (the weights the run "
                       "trained on), written as plain safetensors: no GGUF reader is needed to serve it.")
@@ -412,14 +467,16 @@ class _Exporter:
                           "closer to what the run trained on (not verified by peso).")
         if errors:
             rows = "\n".join(f"| {label} | {value:.2e} |" for label, value in errors.items())
+            against = "`W0 + anchor` computed from the run" if kind == "merge" else "the trained model"
             fidelity = ("Logits of this export reloaded with `transformers`" + (" + `peft`" if fit else "") +
-                        " against the trained model on a fixed probe batch "
+                        f" against {against} on a fixed probe batch "
                         "(`max |diff| / max |reference|`):\n\n"
                         "| reloaded | relative error |\n|---|---|\n" + rows)
         else:
             fidelity = "Not measured (exported with `--no-verify`)."
         return {
             "title": title,
+            "command": "peso merge" if kind.startswith("merge") else "peso export",
             "peso_version": _version(),
             "run_dir": run.run_dir,
             "state_name": run.state_dir.name,
@@ -471,6 +528,24 @@ def _base_model(run: LoadedRun) -> _Base:
     return _Base(resolved.path, str(resolved.path))
 
 
+def run_adapter(run: LoadedRun) -> tuple[Path, int] | None:
+    """The run's final adapter of the loaded state as a PEFT folder, with its rank, if one was exported.
+
+    Looked for in ``RUN/export/anchored/adapter`` (what ``peso train`` writes when it ends), used only
+    when its ``peso_export.json`` names the same state folder and step as ``run``.
+    """
+    root = run.run_dir / "export" / "anchored"
+    try:
+        manifest = json.loads((root / "peso_export.json").read_text())
+        rank = int(json.loads((root / "adapter" / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    source = manifest.get("source") or {}
+    same = (Path(str(source.get("state"))).resolve() == run.state_dir.resolve()
+            and source.get("step") == run.step)
+    return (root / "adapter", rank) if same else None
+
+
 def _refuse_overlap(out: Path, run: LoadedRun) -> None:
     """``--out`` must not be the run folder, hold it, or sit inside a state folder (``--force`` deletes)."""
     run_dir = run.run_dir.resolve()
@@ -501,8 +576,10 @@ def _restarts(run: LoadedRun) -> int:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < run.step:
-            steps.add(record["step"])
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            step = restart_step(record)  # 1-based: the restart ran before this step
+            if step <= run.step:
+                steps.add(step)
     return len(steps)
 
 

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pesocli.errors import PesoError
+from pesocli.errors import MissingRunError, PesoError
+
+RESTARTS_VERSION = 2
+"""``version`` of the ``restarts.jsonl`` records this peso writes. Version 2: ``step`` is 1-based, the
+step the restart ran before, as in the progress bar and ``metrics.jsonl`` (a restart before the first
+step is step 1). Records without ``version`` (older run folders) counted from 0: the same restart was
+step 0. :func:`restart_step` reads both."""
+
+
+def restart_step(record: dict[str, Any]) -> int:
+    """The 1-based step a ``restarts.jsonl`` record's restart ran before, for every record version."""
+    return int(record["step"]) + (0 if int(record.get("version", 1)) >= 2 else 1)
 
 
 @dataclass
@@ -25,7 +36,8 @@ class RunLog:
     evals: list[dict[str, Any]] = field(default_factory=list)
     """``{step, eval_loss}`` records of ``metrics.jsonl``."""
     restarts: list[dict[str, Any]] = field(default_factory=list)
-    """Lines of ``restarts.jsonl``: one ``RestartRecord`` per restart and layer (+ ``seconds_total``)."""
+    """Lines of ``restarts.jsonl``: one ``RestartRecord`` per restart and layer (+ ``seconds_total``),
+    their ``step`` 1-based whatever the file's version (:func:`restart_step`)."""
     complete: bool = False
     """``final/`` exists: training finished."""
     skipped_lines: int = 0
@@ -78,13 +90,15 @@ def read_run_log(path: str | Path) -> RunLog:
     """
     path = Path(path)
     if not path.is_dir():
-        raise PesoError(f"{path}: no such run folder")
+        raise MissingRunError(f"run folder {path} does not exist")
     markers = ("config.yaml", "metrics.jsonl", "restarts.jsonl")
     if not any((path / name).is_file() for name in markers):
-        raise PesoError(f"{path}: not a peso run folder (no config.yaml, metrics.jsonl or restarts.jsonl)")
+        raise MissingRunError(
+            f"{path} is not a peso run folder (no config.yaml, metrics.jsonl or restarts.jsonl)"
+        )
     metrics, skipped_m = read_jsonl(path / "metrics.jsonl")
     restarts, skipped_r = read_jsonl(path / "restarts.jsonl")
-    restarts = [r for r in restarts if "step" in r and "layer" in r]
+    restarts = [{**r, "step": restart_step(r)} for r in restarts if "step" in r and "layer" in r]
     return RunLog(
         path=path,
         metrics=[m for m in metrics if "loss" in m and "step" in m],

@@ -4,10 +4,11 @@ Works for every method that writes ``RestartRecord`` lines (``peso-r`` restarts,
 ``peso-t`` inits, subspace events of other methods): only the shared fields are read, and a field
 a method leaves empty (``principal_angle_deg`` at an init) stays empty in the summary.
 
-Steps: a record's ``step`` is the 0-based optimizer step the restart ran *before*; a metrics
-record's ``step`` is the number of optimizer steps completed. So the loss "just before" restart
-``s`` is the last logged loss with ``step <= s`` and the loss "10 steps after" is the first logged
-loss with ``step >= s + 10``.
+Steps: a restart's ``step`` is the 1-based optimizer step it ran *before* (as read by
+:func:`~pesocli.inspect.runlog.read_run_log`, whatever the file's version); a metrics record's
+``step`` is the number of optimizer steps completed. So the loss "just before" restart ``t`` is the
+last logged loss with ``step <= t - 1`` and the loss "10 steps after" is the first logged loss with
+``step >= t - 1 + 10``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class RestartSummary:
     """One restart (or subspace) event, summarised over its layers."""
 
     step: int
-    """0-based optimizer step the event ran before."""
+    """1-based optimizer step the event ran before (1: before the first step)."""
     kind: str
     """``init``, ``restart`` or a method's own event name (joined with ``+`` if several)."""
     method: str
@@ -86,8 +87,8 @@ def summarize(log: RunLog) -> list[RestartSummary]:
         angles = [r["principal_angle_deg"] for r in records if r.get("principal_angle_deg") is not None]
         totals = [r["seconds_total"] for r in records if r.get("seconds_total") is not None]
         seconds = max(totals) if totals else sum(float(r.get("seconds") or 0.0) for r in records)
-        loss_before, before_step = _loss_at(log, step, before=True)
-        loss_after, after_step = _loss_at(log, step + LOSS_AFTER_STEPS, before=False)
+        loss_before, before_step = _loss_at(log, step - 1, before=True)
+        loss_after, after_step = _loss_at(log, step - 1 + LOSS_AFTER_STEPS, before=False)
         summaries.append(
             RestartSummary(
                 step=step,

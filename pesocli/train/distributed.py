@@ -20,7 +20,7 @@ What is split and how (the decisions, in one place):
   (zero gradient) instead of confusing a wrapper. Every process then clips and steps the same
   gradients, so the adapters stay identical without a broadcast.
 - **Restarts.** Full-gradient sketches are linear in ``G``, so each sketch pass is summed with one
-  flattened all-reduce (:func:`all_reduce_sum`, called by :mod:`pesocli.fullgrad`); the test
+  flattened all-reduce (:func:`pesocli.dist.all_reduce_sum`, called by :mod:`pesocli.fullgrad`); the test
   matrix comes from ``fullgrad.seed`` on every rank, so every rank computes the same small QR and
   SVD from the same numbers and makes the same restart (no broadcast of the new factors). Anything
   a method draws at random during a restart comes from a generator seeded by
@@ -61,6 +61,17 @@ import torch
 import torch.distributed as dist
 
 from pesocli import errors
+from pesocli.dist import (
+    ENV_RANK,
+    ENV_WORLD,
+    ProcessGroupError,
+    all_reduce_sum,
+    collective,
+    first_line,
+    flat,
+    launched_rank,
+    share,
+)
 from pesocli.errors import ConfigError, PesoError
 from pesocli.train.runfolder import RunPaths
 
@@ -70,74 +81,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-ENV_RANK, ENV_WORLD = "RANK", "WORLD_SIZE"
-"""What ``torchrun`` sets in every process it starts (with ``LOCAL_RANK``, read by ``resolve_device``)."""
-
-
-class ProcessGroupError(PesoError):
-    """Another process of a multi-process run failed, or stopped answering for ``train.dist_timeout``."""
-
-    exit_code = 1
-
-
-def launched_rank() -> int | None:
-    """This process's rank when ``torchrun`` (or ``peso train --nproc``) started it, else ``None``."""
-    if ENV_RANK in os.environ and ENV_WORLD in os.environ:
-        return int(os.environ[ENV_RANK])
-    return None
-
-
-def share(count: int, rank: int, size: int) -> slice:
-    """Rank ``rank``'s part of ``count`` items split as evenly as possible over ``size`` ranks.
-
-    A full global batch of ``size x b`` items gives every rank ``b`` consecutive items; a short last
-    batch gives some ranks one item fewer (none when ``count < size``).
-    """
-    return slice(count * rank // size, count * (rank + 1) // size)
-
-
-# ------------------------------------------------------------------------------- collectives
-
-
-def _flat(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
-
-
-def _unflat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    offset = 0
-    for tensor in tensors:
-        n = tensor.numel()
-        tensor.copy_(flat[offset : offset + n].view_as(tensor))
-        offset += n
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _collective(what: str, call: Callable[[], T]) -> T:
-    """Run one collective; a failure (dead peer, timeout) becomes a one-line :class:`ProcessGroupError`."""
-    try:
-        return call()
-    except RuntimeError as exc:  # gloo and NCCL report a lost peer or a timeout as RuntimeError
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise ProcessGroupError(
-            f"process {rank}: {what} failed, another process of the run has stopped ({_first_line(exc)}); "
-            "its own error says why"
-        ) from exc
-
-
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum ``tensors`` in place over all processes with one flattened all-reduce (no-op in one process).
-
-    The sum is taken in FP32 (the tensors' own dtype is kept). Used for the full-gradient sketches.
-    """
-    if not tensors or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    flat = _flat(tensors, tensors[0].device)
-    _collective("the sketch all-reduce", lambda: dist.all_reduce(flat))
-    _unflat(flat, tensors)
+# The collectives live below the trainer (pesocli.dist, which pesocli.fullgrad uses too); these names
+# are re-exported for the trainer's callers.
+__all__ = ["ENV_RANK", "ENV_WORLD", "ProcessGroupError", "all_reduce_sum", "launched_rank", "share"]
 
 
 @dataclasses.dataclass
@@ -163,7 +109,7 @@ class World:
         if not self.active:
             return [float(v) for v in values]
         buffer = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        _collective("an all-reduce", lambda: dist.all_reduce(buffer))
+        collective("an all-reduce", lambda: dist.all_reduce(buffer))
         return buffer.tolist()
 
     def reduce_gradients(self, params: Sequence[torch.nn.Parameter], extras: Sequence[float]) -> list[float]:
@@ -177,10 +123,10 @@ class World:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         present = [float(p.grad is not None) for p in params]
         tail = torch.tensor([*present, *map(float, extras)], dtype=torch.float32, device=self.device)
-        flat = torch.cat([_flat(grads, self.device), tail]) if grads else tail
-        _collective("the gradient all-reduce", lambda: dist.all_reduce(flat))
-        summed = flat[: flat.numel() - tail.numel()]
-        seen_by = flat[summed.numel() : summed.numel() + len(params)].tolist()
+        vector = torch.cat([flat(grads, self.device), tail]) if grads else tail
+        collective("the gradient all-reduce", lambda: dist.all_reduce(vector))
+        summed = vector[: vector.numel() - tail.numel()]
+        seen_by = vector[summed.numel() : summed.numel() + len(params)].tolist()
         offset = 0
         for param, seen in zip(params, seen_by, strict=True):
             n = param.numel()
@@ -191,7 +137,7 @@ class World:
                 else:
                     param.grad.copy_(part)
             offset += n
-        return flat[summed.numel() + len(params) :].tolist()
+        return vector[summed.numel() + len(params) :].tolist()
 
     def broadcast_json(self, obj: Any) -> Any:
         """Rank 0's ``obj`` (JSON data) on every rank."""
@@ -199,13 +145,13 @@ class World:
             return obj
         data = json.dumps(obj).encode() if self.is_main else b""
         length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        _collective("a broadcast", lambda: dist.broadcast(length, src=0))
+        collective("a broadcast", lambda: dist.broadcast(length, src=0))
         payload = (
             torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
             if self.is_main
             else torch.empty(int(length), dtype=torch.uint8, device=self.device)
         )
-        _collective("a broadcast", lambda: dist.broadcast(payload, src=0))
+        collective("a broadcast", lambda: dist.broadcast(payload, src=0))
         return json.loads(bytes(payload.cpu().tolist()).decode()) if not self.is_main else obj
 
     def gather_json(self, obj: Any) -> list[Any]:
@@ -215,12 +161,12 @@ class World:
         data = json.dumps(obj).encode()
         length = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
         lengths = [torch.empty_like(length) for _ in range(self.size)]
-        _collective("a gather", lambda: dist.all_gather(lengths, length))
+        collective("a gather", lambda: dist.all_gather(lengths, length))
         width = max(int(n) for n in lengths)
         mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         parts = [torch.empty_like(mine) for _ in range(self.size)]
-        _collective("a gather", lambda: dist.all_gather(parts, mine))
+        collective("a gather", lambda: dist.all_gather(parts, mine))
         texts = [bytes(p[: int(n)].cpu().tolist()).decode() for p, n in zip(parts, lengths, strict=True)]
         return [json.loads(text) for text in texts]
 
@@ -331,7 +277,7 @@ def session(train: TrainConfig) -> Iterator[World]:
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     except RuntimeError as exc:
         raise ProcessGroupError(
-            f"process {rank}: cannot join the other processes ({_first_line(exc)})"
+            f"process {rank}: cannot join the other processes ({first_line(exc)})"
         ) from exc
     world = World(dist.get_rank(), dist.get_world_size(), _comm_device(device), active=True)
     try:

@@ -233,6 +233,8 @@ class StopSignals:
             "(send it again to stop at once)\n"
         )
         try:  # os.write, not print: a handler may run while Python is inside a write to stderr
+            if sys.stderr.isatty():  # a line of its own, not glued after the progress bar's text
+                message = "\n" + message
             os.write(sys.stderr.fileno(), message.encode())
         except (OSError, ValueError, AttributeError):
             pass

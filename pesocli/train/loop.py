@@ -36,6 +36,7 @@ from pesocli.config import RunConfig, config_from_dict, config_to_dict
 from pesocli.data import IGNORE, DataBundle, build_datasets, collate, example_preview, num_batches
 from pesocli.engine import Engine, RngReplay
 from pesocli.errors import ConfigError, Interrupted, NumericalError
+from pesocli.inspect.runlog import RESTARTS_VERSION
 from pesocli.methods import RestartRecord, build_method, method_class
 from pesocli.models import load_model_and_tokenizer, prepare_model, resolve_device
 from pesocli.optim import PesoAdamW
@@ -44,7 +45,7 @@ from pesocli.train import distributed
 from pesocli.train.distributed import PeerRunFolder, World
 from pesocli.train.guards import Snapshot, StopSignals, Watchdog, nonfinite_layers
 from pesocli.train.lr import build_scheduler
-from pesocli.train.progress import Reporter, format_bytes
+from pesocli.train.progress import Reporter, describe_plan, format_bytes
 from pesocli.train.resume import (
     Mark,
     ResumePoint,
@@ -330,6 +331,12 @@ def _train(
         f"{sum(p.numel() for p in engine.trainable_parameters()):,} trainable parameters, "
         f"{steps} steps -> {run.path}"
     )
+    plan, too_long = describe_plan(
+        steps, global_batch * cfg.train.grad_accum, len(bundle.train), bundle.stats.tokens
+    )
+    reporter.note(plan)
+    if too_long is not None and point is None:
+        say(too_long)
     if point is not None:
         reporter.note(f"resuming at step {start_step} from {point.folder}")
 
@@ -401,6 +408,7 @@ def _train(
     restart_steps = [s for s in range(steps) if method.restart_due(s)]
     eval_loss = None
     last_checkpoint = start_step if point is not None else None
+    checkpoint_clock = time.perf_counter()  # wall time since the last checkpoint (checkpoint.every_minutes)
     window_tokens, window_start = 0, time.perf_counter()
     try:
         with guard, reporter:
@@ -427,9 +435,18 @@ def _train(
                         counters.restarts += 1
                         counters.restart_seconds += engine.last_restart_seconds
                     if records:
-                        run.log_restarts(
-                            [dict(r.to_json(), seconds_total=engine.last_restart_seconds) for r in records]
+                        energies = sorted(r.captured_energy for r in records if r.captured_energy is not None)
+                        reporter.restart(
+                            step + 1, len({r.layer for r in records}), engine.last_restart_seconds,
+                            energies[len(energies) // 2] if energies else None,
+                            counters.loss_tail[-1] if counters.loss_tail else None,
                         )
+                    if records:  # logged 1-based, as the progress bar and metrics.jsonl count steps
+                        run.log_restarts([
+                            dict(r.to_json(), step=r.step + 1, version=RESTARTS_VERSION,
+                                 seconds_total=engine.last_restart_seconds)
+                            for r in records
+                        ])
 
                 # the step's loss: the mean over the trained tokens of all micro-batches of all
                 # processes, so each process needs the global count before its backward
@@ -439,8 +456,11 @@ def _train(
                 with engine.training_step(step):
                     step_loss = gradient_pass(micro, step_trained)
                 # one flattened all-reduce: every adapter gradient, the loss and the stop votes
-                votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
+                # (and whether this process's checkpoint clock ran out: all processes checkpoint together)
+                votes = [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM),
+                         float(_clock_due(cfg.checkpoint.every_minutes, checkpoint_clock))]
                 step_loss, *votes = world.reduce_gradients(engine.trainable_parameters(), [step_loss, *votes])
+                clock_due = votes.pop() > 0
                 step_tokens = int(step_tokens)
                 counters.tokens += step_tokens
                 window_tokens += step_tokens
@@ -476,16 +496,21 @@ def _train(
                 if problem is not None:
                     metrics["skipped"] = problem
                 window_tokens, window_start = 0, now
-                if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps or problem is not None:
+                logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == steps
+                if logged or problem is not None or records:  # a restart's step is always logged
                     run.log_metrics(metrics)
                 if problem is None:
                     reporter.step(step, metrics)
-                if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                # (the last step's eval is the final one below, run once)
+                if bundle.val and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 \
+                        and step + 1 < steps:
                     eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                     run.log_metrics({"step": step + 1, "eval_loss": eval_loss})
-                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < steps:
+                    reporter.evaluation(step + 1, eval_loss)
+                by_steps = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
+                if (by_steps or clock_due) and step + 1 < steps:
                     checkpoint(step + 1)
-                    last_checkpoint = step + 1
+                    last_checkpoint, checkpoint_clock = step + 1, time.perf_counter()
                 # several processes stop on the votes of this step's all-reduce, so all after the same step
                 signum = _stop_signal(votes) if world.active else signals.signum
                 if signum is not None and step + 1 < steps:
@@ -500,6 +525,7 @@ def _train(
             if bundle.val:
                 eval_loss = evaluate(model, bundle, cfg.train.batch_size, device, world)
                 run.log_metrics({"step": steps, "eval_loss": eval_loss})
+                reporter.evaluation(steps, eval_loss)
             final_mark = trainer.mark()
             final_mark.counters["wall_seconds"] = prior_seconds + time.perf_counter() - started
             world.on_main(lambda: trainer.save(run.final, steps, final_mark, final=True))
@@ -559,6 +585,11 @@ def _silent(message: str) -> None:
     del message
 
 
+def _clock_due(minutes: float, since: float) -> bool:
+    """Whether ``minutes`` (> 0) of wall time passed since ``since`` (a ``time.perf_counter()``)."""
+    return minutes > 0 and time.perf_counter() - since >= 60.0 * minutes
+
+
 def _stop_signal(votes: list[float]) -> int | None:
     """The signal some process got during this step (SIGINT wins), from the summed votes."""
     if votes[0] > 0:
@@ -599,7 +630,12 @@ def export_finished_run(
         result = export_run(
             loaded, fmt, run_dir / "export" / fmt, ExportOptions(force=True), say=reporter.note
         )
-        rows.append((f"export ({fmt})", f"{result.out}  (serve: see {result.out}/README.md)"))
+        written = sum(p.stat().st_size for p in result.out.rglob("*") if p.is_file())
+        what = f"{format_bytes(written)} written to {result.out}"
+        external = result.manifest.get("parts", {}).get("adapter_base_external")
+        if external is not None:
+            what += f" (the adapter only: the base {external} is used in place, not copied)"
+        rows.append((f"export ({fmt})", f"{what}; serve: see {result.out}/README.md"))
     return rows
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pesocli.errors import ConfigError
+from pesocli.errors import ConfigError, MissingRunError
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +58,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "train.max_consecutive_skips",
     "model.trust_remote_code",
     "checkpoint.every",
+    "checkpoint.every_minutes",
     "checkpoint.keep_last",
     "train.dist_timeout",
     "train.fsdp",
@@ -160,12 +161,13 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
 def require_resume_point(run_dir: Path) -> ResumePoint:
     """:func:`find_resume_point`, or a one-line :class:`ConfigError` saying why nothing can resume."""
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"--resume: run folder {run_dir} does not exist")
+        raise MissingRunError(f"--resume: run folder {run_dir} does not exist")
     point = find_resume_point(run_dir)
     if point is None:
-        raise ConfigError(
+        raise MissingRunError(
             f"--resume: {run_dir} has no good checkpoint to resume from (the run stopped before its "
-            f"first checkpoint, or all are damaged); set checkpoint.every / --checkpoint-every"
+            f"first checkpoint, or all are damaged); checkpoints come every checkpoint.every steps "
+            f"(--checkpoint-every) and checkpoint.every_minutes minutes (--checkpoint-minutes)"
         )
     if point.state.get("resume_version") != RESUME_STATE_VERSION and not point.finished:
         raise ConfigError(f"--resume: {point.folder} holds no resume state (written by an older peso)")
@@ -181,12 +183,13 @@ def resolve_resume(
     """The run config and the run folder to resume (``None``: start a fresh run) for ``--resume SPEC``.
 
     ``SPEC`` is a run folder (a path, or a name under the output dir): its ``config.yaml`` (or
-    ``--config``) with the command-line options on top is the config. ``auto``: the config comes from
-    ``--config`` (or the embedded one) as for a fresh run; with a run name (``--run-name`` or
-    ``train.run_name``) that run folder is resumed when it has a checkpoint, and otherwise the newest
-    unfinished run under the output dir with the same config is; a fresh run starts when there is none.
+    ``--config``) with the command-line options on top is the config. ``auto``: the config comes
+    from ``--config`` (or the embedded demo for the tiny model) as for a fresh run; with a run name
+    (``--run-name`` or ``train.run_name``) that run folder is resumed when it has a checkpoint, and
+    otherwise the newest unfinished run under the output dir with the same config is; a fresh run
+    starts when there is none.
     """
-    from pesocli.config import embedded_config_path, load_config, read_yaml
+    from pesocli.config import default_config_path, load_config, read_yaml
 
     if overrides.get("train.overwrite") in (True, "true", "True", "1"):
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -199,9 +202,10 @@ def resolve_resume(
         cfg.train.output_dir, cfg.train.run_name = str(folder.parent), folder.name
         return cfg, folder
 
-    yaml_path = config_path if config_path is not None else embedded_config_path()
+    yaml_path = config_path if config_path is not None else default_config_path(overrides)
     cfg = load_config(yaml_path, overrides)
-    named = "train.run_name" in overrides or (read_yaml(yaml_path).get("train") or {}).get("run_name")
+    from_yaml = read_yaml(yaml_path) if yaml_path is not None else {}
+    named = "train.run_name" in overrides or (from_yaml.get("train") or {}).get("run_name")
     if named:
         folder = cfg.run_dir
         if _has_state(folder):  # verified (with warnings) by run_training
@@ -236,7 +240,7 @@ def _run_folder(spec: str, config_path: Path | None, overrides: dict[str, Any]) 
         candidate = Path(str(output_dir)) / spec
         if candidate.is_dir():
             return candidate
-    raise ConfigError(f"--resume: run folder {spec} does not exist")
+    raise MissingRunError(f"--resume: run folder {spec} does not exist")
 
 
 def _has_state(folder: Path) -> bool:

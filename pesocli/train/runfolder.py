@@ -5,7 +5,7 @@ Layout::
     runs/<name>/
       config.yaml          resolved config (CLI > YAML > defaults); the base of ``--resume``
       metrics.jsonl        one record per logged optimizer step (+ eval records)
-      restarts.jsonl       one record per restart and layer (``RestartRecord``)
+      restarts.jsonl       one record per restart and layer (``RestartRecord``; ``step`` 1-based, version 2)
       checkpoints/
         step-NNNNNN/       resumable state after N optimizer steps (see ``pesocli.train.state``)
         latest             the name of the newest checkpoint, rewritten after it is complete
@@ -30,6 +30,7 @@ import yaml
 
 from pesocli.config import RunConfig, config_to_dict
 from pesocli.errors import ConfigError
+from pesocli.inspect.runlog import restart_step
 from pesocli.train.state import atomic_write_text, storage_error
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -120,7 +121,8 @@ class RunFolder(RunPaths):
             _remove_leftovers(path)
             _write_config(cfg, path)
             _truncate_jsonl(path / "metrics.jsonl", lambda r: int(r.get("step", 0)) <= step)
-            _truncate_jsonl(path / "restarts.jsonl", lambda r: int(r.get("step", 0)) < step)
+            # a restart logged as step t (1-based) ran before step t: kept if the checkpoint holds t - 1
+            _truncate_jsonl(path / "restarts.jsonl", lambda r: restart_step(r) <= step)
         except OSError as exc:
             raise storage_error(exc, path) from exc
         return cls(path, purge_step=step + 1)
