@@ -225,12 +225,25 @@ def job_overrides(spec: dict) -> dict[str, object]:
         "train.quiet": True,
         "train.device": "cpu",
         "checkpoint.every": 0,
+        "checkpoint.every_minutes": 0,
         **task_settings,
     }
     if job.method in ("peso-r", "relora", "galore", "rac-lora"):
         overrides["method.restart_every"] = job.restart_every
     overrides.update(job.extra)
     return overrides
+
+
+# keys added after results were stored, with the value that does what the code did before they existed:
+# at that value they are left out of the hash, so those results stay valid (any other value is a new run)
+KEYS_ADDED_LATER: dict[tuple[str, str], object] = {
+    ("checkpoint", "every_minutes"): 0,  # set to 0 by job_overrides; checkpoints never change training
+    ("method", "rotate_second_moment"): False,
+    ("method", "reset_moments"): False,
+    ("method", "anchor_keep_energy"): 1.0,
+    ("method", "anchor_max_rank"): None,
+    ("method", "anchor_dtype"): "fp32",
+}
 
 
 def config_key(spec: dict) -> str:
@@ -242,6 +255,9 @@ def config_key(spec: dict) -> str:
 
     resolved = config_to_dict(load_config(None, job_overrides(spec)))
     resolved["train"].pop("run_name")  # the same config under another label is the same run
+    for (section, key), neutral in KEYS_ADDED_LATER.items():
+        if resolved[section].get(key, neutral) == neutral:
+            resolved[section].pop(key, None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
