@@ -246,6 +246,11 @@ KEYS_ADDED_LATER: dict[tuple[str, str], object] = {
 }
 
 
+def effective_lr(job: dict) -> float:
+    """The learning rate a run trained with: a variant's ``optim.lr`` over the method's own."""
+    return float(job.get("extra", {}).get("optim.lr", job["lr"]))
+
+
 def config_key(spec: dict) -> str:
     """A short hash of the run's fully resolved config: a cached result is reused only if it matches
     (a changed default of a method is a new run)."""
@@ -434,7 +439,7 @@ def summarise(results: list[dict]) -> list[dict]:
         rows.setdefault((r["job"]["task"], r["job"]["label"]), []).append(r)
     table = []
     for (task, label), group in rows.items():
-        row: dict = {"task": task, "label": label, "n": len(group), "lr": group[0]["job"]["lr"]}
+        row: dict = {"task": task, "label": label, "n": len(group), "lr": effective_lr(group[0]["job"])}
         for key in ("recall_train", "recall_held_out", "ppl_train", "ppl_held_out", "train_seconds"):
             values = [g[key] for g in group if g.get(key) is not None]
             if values:
