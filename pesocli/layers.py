@@ -292,20 +292,25 @@ class _AnchoredPair(torch.autograd.Function):
     Shapes: ``x (..., in)``, ``anchor_down (R, in)``, ``anchor_up (out, R)``, ``down (r, in)``,
     ``up (out, r)``; returns ``(..., out)``. Saves what LoRA alone saves (``x`` and the pair's
     ``x @ down^T``, ``(..., r)``), not the stacked ``(..., R + r)`` intermediate autograd would keep;
-    the anchor gets no gradient.
+    the anchor gets no gradient. The anchor may be narrower than ``x`` (a BF16 anchor on an FP32
+    model): it is widened to ``x``'s dtype in forward and again in backward, never saved widened.
     """
 
     @staticmethod
     def forward(ctx, x, anchor_down, anchor_up, down, up):  # noqa: ANN001, ANN205
         rank = anchor_down.shape[0]
-        hidden = nn.functional.linear(x, torch.cat([anchor_down, down], dim=0))  # (..., R + r)
-        out = nn.functional.linear(hidden, torch.cat([anchor_up, up], dim=1))
+        # a narrower (BF16) anchor is widened here and again in backward: saving the widened copies
+        # would keep an FP32 anchor per layer alive until the backward, more than the FP32 anchor itself
+        wide_down, wide_up = anchor_down.to(x.dtype), anchor_up.to(x.dtype)
+        hidden = nn.functional.linear(x, torch.cat([wide_down, down], dim=0))  # (..., R + r)
+        out = nn.functional.linear(hidden, torch.cat([wide_up, up], dim=1))
         ctx.save_for_backward(x, hidden[..., rank:].contiguous(), anchor_down, anchor_up, down, up)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, pair_hidden, anchor_down, anchor_up, down, up = ctx.saved_tensors
+        anchor_down, anchor_up = anchor_down.to(x.dtype), anchor_up.to(x.dtype)
         need_x, _, _, need_down, need_up = ctx.needs_input_grad
         rank = anchor_down.shape[0]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
@@ -374,9 +379,7 @@ class AdaptedLinear(nn.Module):
         down, up = pair
         # the widest of input, anchor and adapter: a BF16 anchor does not lower an FP32 adapter's precision
         dtype = torch.promote_types(torch.promote_types(x.dtype, anchor.up.dtype), up.dtype)
-        return _AnchoredPair.apply(
-            x.to(dtype), anchor.down.to(dtype), anchor.up.to(dtype), down.to(dtype), up.to(dtype)
-        )
+        return _AnchoredPair.apply(x.to(dtype), anchor.down, anchor.up, down.to(dtype), up.to(dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, anchor_rank={self.anchor.rank}"

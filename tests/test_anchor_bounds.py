@@ -266,3 +266,20 @@ def test_fold_run_resumes_into_the_folded_base(tmp_path: Path) -> None:
         each.anchor.fold_into(each.base)
     load_layer_tensors(run.state_dir, fresh.engine.layers)
     torch.testing.assert_close(fresh.engine.layers[name].base.weight, folded_expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_anchor_is_saved_for_backward_as_is_not_widened() -> None:
+    """The fused chain keeps the BF16 pair, not FP32 copies (those would cost more than an FP32 anchor)."""
+    anchor = LowRankAnchor(OUT, IN, dtype=torch.bfloat16)
+    anchor.absorb(torch.randn(OUT, 40), torch.randn(40, IN))
+    layer = AdaptedLinear(nn.Linear(IN, OUT).requires_grad_(False), LoRADelta(OUT, IN, 2, scale=1.0), anchor)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(torch.randn(3, IN, requires_grad=True)).sum()
+    anchor_shaped = [t for t in saved if t.shape in ((OUT, 40), (40, IN))]
+    assert len(anchor_shaped) == 2 and all(t.dtype == torch.bfloat16 for t in anchor_shaped)
