@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
+from pesocli.cli import main
 from pesocli.config import embedded_config_path, load_config
 from pesocli.errors import ConfigError
 from pesocli.export import ExportOptions, check_path, export_run
@@ -234,6 +236,9 @@ def test_each_anchor_option_trains_records_and_exports_to_the_trained_logits(tmp
     assert all((e.anchor_dropped_max is not None) == lossy for e in events)
     if lossy:
         assert max(e.anchor_dropped_max for e in events if e.kind == "restart") > 0
+    shown = CliRunner().invoke(main, ["restart-inspect", str(run_dir)], terminal_width=160)
+    assert shown.exit_code == 0, shown.output
+    assert ("dropped" in shown.output) == lossy  # the column only for a lossy anchor
     run = load_run(run_dir)
     if option == "max-rank":
         assert max(layer.anchor.rank for layer in run.engine.layers.values()) == 4
