@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pesocli.fullgrad import FullGradConfig, GradientEstimate, StepSketch, estimate_full_gradients
-from pesocli.layers import AdaptedLinear, GradientProbe, inject_adapters
+from pesocli.layers import ANCHOR_DTYPES, AdaptedLinear, GradientProbe, inject_adapters
 from pesocli.methods.base import Method, RestartContext, RestartRecord
 from pesocli.optim import PesoAdamW
 
@@ -39,6 +39,9 @@ class Engine:
             method.build_delta,
             anchor_mode=c.anchor_mode,
             anchor_rank_cap=c.anchor_rank_cap,
+            anchor_max_rank=c.anchor_max_rank,
+            anchor_keep_energy=c.anchor_keep_energy,
+            anchor_dtype=ANCHOR_DTYPES[c.anchor_dtype],
         )
         self.last_restart_seconds = 0.0
         self._pending: tuple[int, dict[str, GradientEstimate]] | None = None
@@ -70,6 +73,10 @@ class Engine:
         records = self.method.restart(
             RestartContext(step=step, layers=self.layers, optimizer=optimizer, gradients=gradients)
         )
+        for record in records:  # what a lossy anchor dropped in this event (method-independent)
+            layer = self.layers.get(record.layer)
+            if layer is not None and layer.anchor.lossy:
+                record.anchor_dropped_energy = layer.anchor.take_dropped_energy()
         self.last_restart_seconds = time.perf_counter() - start
         return records
 

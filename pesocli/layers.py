@@ -26,12 +26,30 @@ class GradientProbe(Protocol):
     def observe(self, x: torch.Tensor, grad_out: torch.Tensor) -> None: ...
 
 
+ANCHOR_MODES: tuple[str, ...] = ("lowrank", "dense", "fold")
+"""How an anchor holds ``W~ - W0``: a stacked low-rank pair, a dense FP32/BF16 matrix, or folded into
+the base weight itself (Algorithm 2 line 4 as written; non-quantised bases only)."""
+
+ANCHOR_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Config names of the anchor's storage dtypes (``method.anchor_dtype``)."""
+
+
 class LowRankAnchor(nn.Module):
     """The absorbed history ``W~ - W0`` of one layer (Algorithm 2 line 4), FP32 by default.
 
     ``lowrank`` mode keeps a stacked pair ``up (out, R)``, ``down (R, in)``: absorbing appends
-    columns/rows (exact) and :meth:`compress` re-factors exactly by QR + small SVD. ``dense``
-    mode keeps ``weight (out, in)``.
+    columns/rows (exact) and :meth:`compress` re-factors exactly by QR + small SVD when ``R`` passes
+    ``rank_cap``. Two lossy bounds (off by default) keep ``R`` from growing with the run: after every
+    absorb the pair is truncated to the fewest components holding ``keep_energy`` of its energy
+    (``sum sigma^2``) and to at most ``max_rank``; the fraction of energy dropped is added to
+    :attr:`dropped_energy` (read and reset with :meth:`take_dropped_energy`). ``dense`` mode keeps
+    ``weight (out, in)``. ``fold`` mode adds every absorbed product into the base layer's own weight
+    (:meth:`fold_into`), so the anchor costs no memory and no FLOPs; the base is then no longer
+    ``W0``, and the folded weight is saved instead of the pair (:meth:`state_tensors`).
+
+    ``dtype`` is the storage dtype (FP32 or BF16); the forward computes in the wider of the input's
+    and the anchor's dtype, so a BF16 anchor halves the anchor's memory without lowering the precision
+    of an FP32 model's activations.
     """
 
     def __init__(
@@ -41,73 +59,189 @@ class LowRankAnchor(nn.Module):
         *,
         mode: str = "lowrank",
         rank_cap: int = 256,
+        max_rank: int | None = None,
+        keep_energy: float = 1.0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("lowrank", "dense"):
-            raise ValueError(f"anchor mode must be lowrank or dense, got {mode!r}")
+        if mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {mode!r}")
         self.mode = mode
         self.rank_cap = rank_cap
+        self.max_rank = max_rank
+        self.keep_energy = keep_energy
         self.out_features, self.in_features = out_features, in_features
         dense_shape = (out_features, in_features) if mode == "dense" else (0, 0)
         self.register_buffer("up", torch.zeros(out_features, 0, dtype=dtype, device=device))
         self.register_buffer("down", torch.zeros(0, in_features, dtype=dtype, device=device))
         self.register_buffer("weight", torch.zeros(dense_shape, dtype=dtype, device=device))
         self.is_zero = True
+        """Whether the forward adds nothing (always true for ``fold``: the base carries the anchor)."""
+        self.folded = False
+        """``fold`` only: whether anything has been added into the base weight."""
+        self.dropped_energy = 0.0
+        """Fractions of the anchor's energy dropped by lossy truncation since the last
+        :meth:`take_dropped_energy` (summed over absorbs)."""
+        self._fold_target: list[nn.Module] = []  # a list, so the base is not registered twice
+
+    @property
+    def lossy(self) -> bool:
+        """Whether a low-rank anchor is truncated after every absorb (``keep_energy < 1`` or ``max_rank``)."""
+        return self.mode == "lowrank" and (self.keep_energy < 1.0 or self.max_rank is not None)
 
     @property
     def rank(self) -> int:
-        """Number of stacked components (``R``); for a dense anchor, ``min(out, in)`` once non-zero."""
+        """Stacked components (``R``); ``min(out, in)`` for a non-zero dense anchor; 0 when folded."""
         if self.mode == "dense":
             return 0 if self.is_zero else min(self.out_features, self.in_features)
         return self.up.shape[1]
 
+    def fold_into(self, base: nn.Module) -> None:
+        """``fold`` mode: absorb into ``base.weight`` (an FP32/BF16 ``nn.Linear``; quantised or sharded
+        bases raise :class:`ConfigError`)."""
+        weight = getattr(base, "weight", None)
+        plain = (
+            isinstance(weight, torch.Tensor)
+            and weight.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+            and getattr(weight, "quant_state", None) is None
+            and getattr(weight, "SCB", None) is None
+            and type(weight.data).__name__ != "DTensor"
+        )
+        if not plain:
+            raise ConfigError(
+                "method.anchor_mode fold needs a non-quantised, unsharded FP32/BF16 base "
+                "(model.quant none, train.fsdp false); use lowrank"
+            )
+        self._fold_target = [base]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in) -> (..., out)`` in the anchor's dtype (the caller casts back)."""
-        x = x.to(self.up.dtype)
+        """``x (..., in) -> (..., out)`` in the wider of ``x``'s and the anchor's dtype (caller casts)."""
+        dtype = torch.promote_types(x.dtype, self.up.dtype)
+        x = x.to(dtype)
         if self.mode == "dense":
-            return nn.functional.linear(x, self.weight)
-        return nn.functional.linear(nn.functional.linear(x, self.down), self.up)
+            return nn.functional.linear(x, self.weight.to(dtype))
+        if self.mode == "fold":
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(nn.functional.linear(x, self.down.to(dtype)), self.up.to(dtype))
 
     @torch.no_grad()
     def absorb(self, up: torch.Tensor, down: torch.Tensor) -> None:
-        """``W~ - W0 += up (out, k) @ down (k, in)``; re-compresses when the rank passes the cap."""
+        """``W~ - W0 += up (out, k) @ down (k, in)``; re-compresses when the rank passes the cap.
+
+        With ``keep_energy < 1`` or ``max_rank`` a low-rank anchor is then truncated (lossy); the dropped
+        fraction of its energy is added to :attr:`dropped_energy`.
+        """
+        if self.mode == "fold":
+            base = self._fold_target[0]
+            # In FP32, then rounded once to the base's dtype: the only loss is that rounding.
+            base.weight.copy_(base.weight.float() + up.float() @ down.float())
+            self.folded = True
+            return
         up = up.to(self.up.dtype)
         down = down.to(self.down.dtype)
         self.is_zero = False
         if self.mode == "dense":
-            self.weight.add_(up @ down)
+            self.weight.copy_(self.weight.float() + up.float() @ down.float())
             return
         self.up = torch.cat([self.up, up], dim=1)
         self.down = torch.cat([self.down, down], dim=0)
-        if self.rank > self.rank_cap:
+        if self.lossy:
+            self.dropped_energy += self.compress(max_rank=self.max_rank, keep_energy=self.keep_energy)
+        elif self.rank > self.rank_cap:
             self.compress()
 
+    def take_dropped_energy(self) -> float:
+        """:attr:`dropped_energy` since the last call, then reset to 0."""
+        dropped, self.dropped_energy = self.dropped_energy, 0.0
+        return dropped
+
     @torch.no_grad()
-    def compress(self, max_rank: int | None = None, rtol: float = 1e-6) -> float:
+    def compress(self, max_rank: int | None = None, rtol: float = 1e-6, keep_energy: float = 1.0) -> float:
         """Re-factor the pair to its numerical rank (exact up to ``rtol * sigma_1``).
 
-        With ``max_rank`` the pair is truncated further (lossy); returns the relative energy
-        dropped, ``sum(dropped sigma^2) / sum(sigma^2)`` (0.0 when exact).
+        With ``max_rank`` and/or ``keep_energy < 1`` the pair is truncated further (lossy) to at most
+        ``max_rank`` components and to the fewest that hold ``keep_energy`` of ``sum sigma^2``. Returns
+        the relative energy dropped, ``sum(dropped sigma^2) / sum(sigma^2)`` (0.0 when exact).
+        The kept pair is balanced: ``up = U_k Sigma_k^1/2``, ``down = Sigma_k^1/2 V_k^T``.
         """
-        if self.mode == "dense" or self.rank == 0:
+        if self.mode != "lowrank" or self.rank == 0:
             return 0.0
         u, s, vh = low_rank_svd(self.up.float(), self.down.float())
         keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-        total = float(s.pow(2).sum())
-        dropped_from = keep if max_rank is None else min(keep, max_rank)
-        dropped = float(s[dropped_from:].pow(2).sum()) if total > 0 else 0.0
-        root = s[:dropped_from].sqrt()
-        self.up = (u[:, :dropped_from] * root).to(self.up.dtype)
-        self.down = (root[:, None] * vh[:dropped_from]).to(self.down.dtype)
-        return dropped / total if (max_rank is not None and total > 0) else 0.0
+        energy = s.pow(2)
+        total = float(energy.sum())
+        lossy = max_rank is not None or keep_energy < 1.0
+        if max_rank is not None:
+            keep = min(keep, max_rank)
+        if keep_energy < 1.0 and total > 0:
+            # fewest components whose energy reaches keep_energy of the total
+            enough = int((energy.cumsum(0) < keep_energy * total).sum()) + 1
+            keep = min(keep, enough)
+        dropped = float(energy[keep:].sum()) if total > 0 else 0.0
+        root = s[:keep].sqrt()
+        self.up = (u[:, :keep] * root).to(self.up.dtype)
+        self.down = (root[:, None] * vh[:keep]).to(self.down.dtype)
+        return dropped / total if (lossy and total > 0) else 0.0
 
     def materialize(self) -> torch.Tensor:
-        """The dense ``W~ - W0 (out, in)`` (export and tests only)."""
+        """The dense ``W~ - W0 (out, in)``, FP32 for a low-rank pair (export and tests only).
+
+        ``fold``: zeros, because the base weight already holds ``W~`` (so ``base + materialize()`` is
+        still ``W~``); the difference to ``W0`` needs the original weights (:meth:`unfold`).
+        """
         if self.mode == "dense":
             return self.weight.clone()
-        return self.up @ self.down
+        if self.mode == "fold":
+            return self.up.new_zeros(self.out_features, self.in_features, dtype=torch.float32)
+        return self.up.float() @ self.down.float()  # FP32 even for a BF16 pair: no rounding of the product
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint saves, by key suffix: ``up``/``down``, ``weight`` (dense) or ``folded``
+        (the base weight ``W~`` after folding; nothing while nothing is folded)."""
+        if self.mode == "dense":
+            return {"weight": self.weight}
+        if self.mode == "fold":
+            return {"folded": self._fold_target[0].weight} if self.folded else {}
+        return {"up": self.up, "down": self.down}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], *, unfold: bool = False) -> None:
+        """Load what :meth:`state_tensors` saved (``tensors`` by suffix; raises ``KeyError`` naming a
+        missing one). ``fold`` with ``unfold``: the base keeps ``W0`` and this anchor becomes a dense
+        one holding ``W~ - W0`` in FP32, so exports (which need ``W0`` apart) read it as any dense anchor."""
+        if self.mode == "dense":
+            self.weight.copy_(tensors["weight"])
+            self.is_zero = not bool(self.weight.abs().sum() > 0)
+        elif self.mode == "fold":
+            if "folded" not in tensors:
+                return
+            base = self._fold_target[0]
+            if unfold:
+                diff = tensors["folded"].to(base.weight.device).float() - base.weight.float()
+                self.mode = "dense"
+                self.weight = diff
+                self.is_zero = not bool(diff.abs().sum() > 0)
+            else:
+                base.weight.copy_(tensors["folded"])
+                self.folded = True
+        else:
+            device = self.up.device
+            self.up = tensors["up"].to(device, self.up.dtype)
+            self.down = tensors["down"].to(device, self.down.dtype)
+            self.is_zero = self.rank == 0
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a restart can be undone by holding :attr:`up`/:attr:`down` (``lowrank`` only:
+        dense and folded anchors are written in place)."""
+        return self.mode == "lowrank"
+
+    def check_tensors(self) -> list[torch.Tensor]:
+        """The tensors whose values a non-finite check must look at."""
+        if self.mode == "fold":
+            return [self._fold_target[0].weight] if self.folded else []
+        return [self.weight] if self.mode == "dense" else [self.up, self.down]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # The stacked rank changes during training: take the checkpoint's shapes.
@@ -158,20 +292,25 @@ class _AnchoredPair(torch.autograd.Function):
     Shapes: ``x (..., in)``, ``anchor_down (R, in)``, ``anchor_up (out, R)``, ``down (r, in)``,
     ``up (out, r)``; returns ``(..., out)``. Saves what LoRA alone saves (``x`` and the pair's
     ``x @ down^T``, ``(..., r)``), not the stacked ``(..., R + r)`` intermediate autograd would keep;
-    the anchor gets no gradient.
+    the anchor gets no gradient. The anchor may be narrower than ``x`` (a BF16 anchor on an FP32
+    model): it is widened to ``x``'s dtype in forward and again in backward, never saved widened.
     """
 
     @staticmethod
     def forward(ctx, x, anchor_down, anchor_up, down, up):  # noqa: ANN001, ANN205
         rank = anchor_down.shape[0]
-        hidden = nn.functional.linear(x, torch.cat([anchor_down, down], dim=0))  # (..., R + r)
-        out = nn.functional.linear(hidden, torch.cat([anchor_up, up], dim=1))
+        # a narrower (BF16) anchor is widened here and again in backward: saving the widened copies
+        # would keep an FP32 anchor per layer alive until the backward, more than the FP32 anchor itself
+        wide_down, wide_up = anchor_down.to(x.dtype), anchor_up.to(x.dtype)
+        hidden = nn.functional.linear(x, torch.cat([wide_down, down], dim=0))  # (..., R + r)
+        out = nn.functional.linear(hidden, torch.cat([wide_up, up], dim=1))
         ctx.save_for_backward(x, hidden[..., rank:].contiguous(), anchor_down, anchor_up, down, up)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, pair_hidden, anchor_down, anchor_up, down, up = ctx.saved_tensors
+        anchor_down, anchor_up = anchor_down.to(x.dtype), anchor_up.to(x.dtype)
         need_x, _, _, need_down, need_up = ctx.needs_input_grad
         rank = anchor_down.shape[0]
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
@@ -238,7 +377,8 @@ class AdaptedLinear(nn.Module):
         if pair is None:
             return None
         down, up = pair
-        dtype = anchor.up.dtype
+        # the widest of input, anchor and adapter: a BF16 anchor does not lower an FP32 adapter's precision
+        dtype = torch.promote_types(torch.promote_types(x.dtype, anchor.up.dtype), up.dtype)
         return _AnchoredPair.apply(x.to(dtype), anchor.down, anchor.up, down.to(dtype), up.to(dtype))
 
     def extra_repr(self) -> str:
@@ -298,12 +438,17 @@ def inject_adapters(
     *,
     anchor_mode: str = "lowrank",
     anchor_rank_cap: int = 256,
+    anchor_max_rank: int | None = None,
+    anchor_keep_energy: float = 1.0,
+    anchor_dtype: torch.dtype = torch.float32,
 ) -> dict[str, AdaptedLinear]:
     """Replace every linear module whose name matches ``patterns`` by an :class:`AdaptedLinear`.
 
     Freezes all of ``model``'s parameters first; only the deltas are trainable. ``make_delta``
-    is called as ``make_delta(out_features, in_features)``. Raises :class:`ConfigError` listing
-    the linear module names when nothing matches. Returns the adapted layers by full name.
+    is called as ``make_delta(out_features, in_features)``; the ``anchor_*`` arguments go to each
+    :class:`LowRankAnchor`. Raises :class:`ConfigError` listing the linear module names when nothing
+    matches, or when ``anchor_mode`` is ``fold`` and a base is quantised. Returns the adapted layers
+    by full name.
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -325,8 +470,17 @@ def inject_adapters(
         device = base.weight.device
         delta = make_delta(base.out_features, base.in_features).to(device)
         anchor = LowRankAnchor(
-            base.out_features, base.in_features, mode=anchor_mode, rank_cap=anchor_rank_cap, device=device
+            base.out_features,
+            base.in_features,
+            mode=anchor_mode,
+            rank_cap=anchor_rank_cap,
+            max_rank=anchor_max_rank,
+            keep_energy=anchor_keep_energy,
+            dtype=anchor_dtype,
+            device=device,
         )
+        if anchor_mode == "fold":
+            anchor.fold_into(base)
         layer = AdaptedLinear(base, delta, anchor)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

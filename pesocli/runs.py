@@ -138,7 +138,7 @@ def load_run(
             f"(differ: {', '.join(extra)}); was the model folder changed?"
         )
     try:
-        load_layer_tensors(state_dir, engine.layers)
+        load_layer_tensors(state_dir, engine.layers, unfold=True)  # a folded anchor: W0 + dense anchor
     except KeyError as exc:
         raise PesoError(f"{state_dir} lacks tensor {exc.args[0]!r}: the state folder is incomplete") from exc
     except (OSError, RuntimeError) as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pesocli.errors import PesoError
 from pesocli.layers import AdaptedLinear, base_weight
 from pesocli.methods.base import Method
 
@@ -49,6 +50,9 @@ class LoRAPair:
 def anchor_pair(layer: AdaptedLinear) -> LoRAPair:
     """The anchor ``W~ - W0`` of one layer: its stacked pair as is, or a dense anchor factored by SVD."""
     anchor = layer.anchor
+    if anchor.mode == "fold":  # load_run unfolds it into a dense anchor; a live one has no W0 apart
+        raise PesoError("a folded anchor is inside the base weights; export from the run folder "
+                        "(peso export RUN), which reads W0 from the model again")
     if anchor.mode == "dense":
         if anchor.is_zero:
             return _empty(layer)

@@ -48,6 +48,8 @@ def print_summary(console: Console, log: RunLog, summaries: list[RestartSummary]
         console.print("no restart or subspace events in restarts.jsonl (methods like lora write none)")
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    # the anchor's dropped energy only for runs with a lossy anchor (anchor_keep_energy / anchor_max_rank)
+    lossy = any(s.anchor_dropped_max is not None for s in summaries)
     headers = (
         "step",
         "kind",
@@ -59,6 +61,7 @@ def print_summary(console: Console, log: RunLog, summaries: list[RestartSummary]
         "angle°\nmedian",
         "angle°\nmax",
         "anchor\nrank",
+        *(("anchor\ndropped",) if lossy else ()),
         "seconds",
         "loss\nbefore",
         f"loss\n+{LOSS_AFTER_STEPS}",
@@ -77,6 +80,7 @@ def print_summary(console: Console, log: RunLog, summaries: list[RestartSummary]
             _num(s.angle_median, ".1f"),
             _num(s.angle_max, ".1f"),
             str(s.anchor_rank_max),
+            *((_num(s.anchor_dropped_max, ".2e"),) if lossy else ()),
             f"{s.seconds:.2f}",
             _num(s.loss_before, ".4f"),
             _num(s.loss_after, ".4f"),
@@ -92,6 +96,7 @@ def print_layers(console: Console, history: dict[str, list[dict[str, Any]]]) -> 
     """One table per layer: every event of that layer."""
     for name, records in history.items():
         table = Table(title=name, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        lossy = any(r.get("anchor_dropped_energy") is not None for r in records)
         for column in (
             "step",
             "kind",
@@ -100,6 +105,7 @@ def print_layers(console: Console, history: dict[str, list[dict[str, Any]]]) -> 
             f"top {SHOWN_SINGULAR_VALUES} σ",
             "angle°",
             "anchor rank",
+            *(("anchor dropped",) if lossy else ()),
             "seconds",
         ):
             table.add_column(column, justify="right" if column != "kind" else "left")
@@ -113,6 +119,7 @@ def print_layers(console: Console, history: dict[str, list[dict[str, Any]]]) -> 
                 " ".join(format(v, ".3g") for v in sigmas[:SHOWN_SINGULAR_VALUES]) or "–",
                 _num(r.get("principal_angle_deg"), ".1f"),
                 str(r.get("anchor_rank", "")),
+                *((_num(r.get("anchor_dropped_energy"), ".2e"),) if lossy else ()),
                 _num(r.get("seconds"), ".3f"),
             )
         console.print(table)

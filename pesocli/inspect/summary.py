@@ -46,6 +46,9 @@ class RestartSummary:
     angle_max: float | None
     anchor_rank_max: int
     """Largest anchor rank over layers after the event."""
+    anchor_dropped_max: float | None
+    """Largest fraction of a layer's anchor energy that lossy truncation dropped at the event
+    (``method.anchor_keep_energy`` / ``anchor_max_rank``); ``None`` when the anchors are exact."""
     seconds: float
     """Wall time of the whole event (``seconds_total``; else the sum of per-layer seconds)."""
     loss_before: float | None
@@ -85,6 +88,7 @@ def summarize(log: RunLog) -> list[RestartSummary]:
         energies = [r["captured_energy"] for r in records if r.get("captured_energy") is not None]
         sigma1 = [r["top_singular_values"][0] for r in records if r.get("top_singular_values")]
         angles = [r["principal_angle_deg"] for r in records if r.get("principal_angle_deg") is not None]
+        dropped = [r["anchor_dropped_energy"] for r in records if r.get("anchor_dropped_energy") is not None]
         totals = [r["seconds_total"] for r in records if r.get("seconds_total") is not None]
         seconds = max(totals) if totals else sum(float(r.get("seconds") or 0.0) for r in records)
         loss_before, before_step = _loss_at(log, step - 1, before=True)
@@ -102,6 +106,7 @@ def summarize(log: RunLog) -> list[RestartSummary]:
                 angle_median=_median(angles),
                 angle_max=max(angles) if angles else None,
                 anchor_rank_max=max(int(r.get("anchor_rank") or 0) for r in records),
+                anchor_dropped_max=max(dropped) if dropped else None,
                 seconds=seconds,
                 loss_before=loss_before,
                 loss_before_step=before_step,

@@ -65,7 +65,7 @@ def nonfinite_grad_layers(layers: dict[str, AdaptedLinear]) -> list[str]:
 def _layer_tensors(layer: AdaptedLinear, optimizer: PesoAdamW) -> list[torch.Tensor]:
     tensors = [t for t in layer.delta.state_dict().values() if t.is_floating_point()]
     anchor = layer.anchor
-    tensors += [anchor.weight] if anchor.mode == "dense" else [anchor.up, anchor.down]
+    tensors += anchor.check_tensors()
     for param in layer.delta.parameters():
         state = optimizer.state.get(param) or {}
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
@@ -150,7 +150,7 @@ class Snapshot:
     def take(cls, layers: dict[str, AdaptedLinear], optimizer: PesoAdamW, method: Method) -> Snapshot:
         snap = cls(method_state=method.state_dict())
         for name, layer in layers.items():
-            anchor = None if layer.anchor.mode == "dense" else (layer.anchor.up, layer.anchor.down)
+            anchor = (layer.anchor.up, layer.anchor.down) if layer.anchor.restorable else None
             snap.exact &= anchor is not None
             snap.layers[name] = _LayerSnapshot(
                 delta={k: v.detach().clone() for k, v in layer.delta.state_dict().items()},

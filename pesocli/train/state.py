@@ -3,7 +3,8 @@
 Layout of a state folder (``final/`` or ``checkpoints/step-NNNNNN/``):
 - ``adapters.safetensors``: each adapted layer's ``delta.state_dict()`` (parameters and buffers),
   ``<layer>.<key>`` (``lora_A (r, in)``, ``lora_B (out, r)``; ``U``, ``xi``, ``V`` for peso-t).
-- ``anchors.safetensors``: ``<layer>.up (out, R)``, ``<layer>.down (R, in)`` (or ``<layer>.weight``);
+- ``anchors.safetensors``: ``<layer>.up (out, R)``, ``<layer>.down (R, in)`` (or ``<layer>.weight``, or
+  ``<layer>.folded``: the base weight ``W~`` of a folded anchor);
   ``R`` is the saved anchor rank, which loading takes over.
 - ``optimizer.safetensors``: every tensor of each parameter's optimizer state,
   ``<layer>.<param>.<key>`` (``exp_avg``, ``exp_avg_sq``, the 0-dim ``step``); absent before any state.
@@ -119,11 +120,8 @@ def collect_tensors(layers: dict[str, AdaptedLinear], optimizer: PesoAdamW | Non
                         scalars[full][skey] = float(value)
                 else:
                     scalars[full][skey] = value
-        if layer.anchor.mode == "dense":
-            anchors[f"{name}.weight"] = layer.anchor.weight
-        else:
-            anchors[f"{name}.up"] = layer.anchor.up
-            anchors[f"{name}.down"] = layer.anchor.down
+        for suffix, tensor in layer.anchor.state_tensors().items():
+            anchors[f"{name}.{suffix}"] = tensor
     return adapters, anchors, moments, scalars
 
 
@@ -238,13 +236,15 @@ def read_tensors(folder: Path, file_name: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_layer_tensors(folder: Path, layers: dict[str, AdaptedLinear]) -> None:
+def load_layer_tensors(folder: Path, layers: dict[str, AdaptedLinear], *, unfold: bool = False) -> None:
     """Load ``adapters.safetensors`` and ``anchors.safetensors`` of ``folder`` into ``layers``.
 
     ``layers`` must come from an :class:`~pesocli.engine.Engine` built with the run's method and
     config; deltas load through ``delta.load_state_dict`` (parameters keep their identity, so an
-    optimizer built on them stays valid); anchors take the saved rank. Raises ``KeyError`` naming a
-    missing tensor.
+    optimizer built on them stays valid); anchors take the saved rank. A folded anchor
+    (``anchor_mode: fold``) writes the saved ``W~`` into the base, or with ``unfold`` (exports and
+    evaluation) becomes a dense FP32 anchor ``W~ - W0`` beside the untouched base. Raises ``KeyError``
+    naming a missing tensor.
     """
     folder = Path(folder)
     adapters = load_file(folder / "adapters.safetensors")
@@ -255,15 +255,15 @@ def load_layer_tensors(folder: Path, layers: dict[str, AdaptedLinear]) -> None:
             if f"{name}.{key}" not in adapters:
                 raise KeyError(f"{name}.{key}")
         layer.delta.load_state_dict({key: adapters[f"{name}.{key}"] for key in keys})
-        anchor = layer.anchor
-        if anchor.mode == "dense":
-            anchor.weight.copy_(anchors[f"{name}.weight"])
-            anchor.is_zero = not bool(anchor.weight.abs().sum() > 0)
-        else:
-            device = anchor.up.device
-            anchor.up = anchors[f"{name}.up"].to(device, anchor.up.dtype)
-            anchor.down = anchors[f"{name}.down"].to(device, anchor.down.dtype)
-            anchor.is_zero = anchor.rank == 0
+        own = {
+            suffix: anchors[f"{name}.{suffix}"]
+            for suffix in ("up", "down", "weight", "folded")
+            if f"{name}.{suffix}" in anchors
+        }
+        try:
+            layer.anchor.load_state_tensors(own, unfold=unfold)
+        except KeyError as exc:
+            raise KeyError(f"{name}.{exc.args[0]}") from None
 
 
 @torch.no_grad()
