@@ -200,6 +200,8 @@ class VLLMBackend:
         return outputs
 
     def sequence_nll(self, examples: Sequence[Example], advance: Advance) -> list[tuple[float, int]]:
+        if self.lora is not None:
+            return self._forced_nll(examples, advance)
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
         outputs = self._run([ex.input_ids for ex in examples], params, advance)
         results = []
@@ -208,6 +210,38 @@ class VLLMBackend:
             trained = [i for i in range(1, len(ex)) if ex.labels[i] != IGNORE]
             nll = -sum(out.prompt_logprobs[i][ex.input_ids[i]].logprob for i in trained)
             results.append((float(nll), len(trained)))
+        return results
+
+    def _forced_nll(self, examples: Sequence[Example], advance: Advance) -> list[tuple[float, int]]:
+        """``sequence_nll`` with a LoRA: one 1-token request per trained position, the target as the
+        only allowed token, its logprob read in vLLM's default ``raw_logprobs`` mode (taken before
+        ``allowed_token_ids`` masks the logits, so it is ``log p(token | prefix)`` of the model).
+
+        ``prompt_logprobs`` cannot be used here: with ``enable_lora`` vLLM 0.32's CPU LoRA logits
+        path sizes its indices for the sampled tokens, not the prompt's, and the engine dies
+        ("einsum(): subscript b has size 31 ... 43"). Prefix caching keeps the prefixes cheap.
+        """
+        results = []
+        chunk = max(1, 8 * self.batch_size)
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            owners, prompts, params = [], [], []
+            for k, ex in enumerate(part):
+                for i in range(1, len(ex)):
+                    if ex.labels[i] != IGNORE:
+                        owners.append(k)
+                        prompts.append({"prompt_token_ids": list(ex.input_ids[:i])})
+                        params.append(self._vllm.SamplingParams(
+                            max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[ex.input_ids[i]]
+                        ))
+            outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+            sums = [[0.0, 0] for _ in part]
+            for k, out in zip(owners, outputs, strict=True):
+                token = out.outputs[0].token_ids[0]
+                sums[k][0] -= out.outputs[0].logprobs[0][token].logprob
+                sums[k][1] += 1
+            results += [(float(nll), int(n)) for nll, n in sums]
+            advance(len(part))
         return results
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, advance: Advance) -> list[str]:
