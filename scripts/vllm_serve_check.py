@@ -61,6 +61,8 @@ ALPACA_INSTRUCTIONS = (
     "Max has 6 bags with 3 apples in each bag. How many apples does Max have?",
     "Write one sentence about the sea.",
 )
+BENCH_MARK = "peso-bench-result: "
+"""Prefix of the one stdout line a ``--bench-one`` process answers with (vLLM logs to stdout too)."""
 DEFAULT_TOL = {"float32": 0.02, "bfloat16": 0.3, "float16": 0.1}
 """``--tol`` by the export's dtype: fp32 kernels agree to ~1e-3 here; bf16 rounding is ~0.1."""
 
@@ -127,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.bench_one:
-        print(json.dumps(bench_one(json.loads(args.bench_one))), flush=True)
+        print(BENCH_MARK + json.dumps(bench_one(json.loads(args.bench_one))), flush=True)
         return 0
     if not args.exports and args.run is None:
         parser.error("give export folders, or --run RUN")
@@ -493,7 +495,8 @@ def run_bench(exports: list[Path], args: argparse.Namespace) -> int:
         if out.returncode != 0:
             print(out.stdout[-2000:], out.stderr[-4000:])
             return 1
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(next(line for line in out.stdout.splitlines()
+                                 if line.startswith(BENCH_MARK))[len(BENCH_MARK):])
         rows.append((name, result))
         print(name, result, flush=True)
     base = next((r["tokens_per_s"] for n, r in rows if n == "merged"), rows[0][1]["tokens_per_s"])

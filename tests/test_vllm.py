@@ -131,7 +131,7 @@ def smollm2_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 def _eval(target: Path, backend: str, out: Path) -> tuple[dict, list[dict]]:
     _peso("eval", str(target), "--backend", backend, "--device", "cpu", "--limit", "8",
-          "--max-new-tokens", "24", "--max-length", "256", "--out", str(out), "--quiet")
+          "--max-new-tokens", "16", "--max-length", "256", "--out", str(out), "--quiet")
     document = json.loads((out / "eval.json").read_text())
     values = {r["metric"]: r["value"] for r in document["results"]}
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
