@@ -125,6 +125,8 @@ def _vllm_dtype(dtype: str, model_config: dict[str, Any]) -> str:
 
 VLLM_CPU_KVCACHE_GIB = "1"
 """``VLLM_CPU_KVCACHE_SPACE`` unless the user set it: vLLM's CPU default (4 GiB) is a lot for eval."""
+VLLM_STEP_TIMEOUT_S = "3600"
+"""``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` unless the user set it (vLLM's default: 300)."""
 
 
 class VLLMBackend:
@@ -170,6 +172,9 @@ class VLLMBackend:
         context = model_config.get("max_position_embeddings")
         wanted = cfg.max_length + cfg.max_new_tokens
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
+        # one engine step of many LoRA prefills can pass vLLM's 300 s on a busy CPU (seen: the
+        # engine died with "RPC call to execute_model timed out" on a rank-32 adapter)
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", VLLM_STEP_TIMEOUT_S)
         self.llm = vllm.LLM(
             model=target.model,
             dtype=dtype,
