@@ -14,6 +14,7 @@ Fixtures
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import pytest
@@ -32,6 +33,16 @@ TINY_SIZES: dict[str, int] = {
     "max_position_embeddings": 64,
 }
 """Sizes shared by every tiny family (head_dim 12, k/v projections 48 -> 24)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``vllm`` are skipped where vllm is not installed (found without importing it)."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vllm is not installed (bash scripts/vllm_env.sh builds a venv with it)")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
 
 
 def tiny_config(family: str):

@@ -67,10 +67,14 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--base", default=None, metavar="MODEL",
               help="With --check: the base model (folder or cached id) to check an adapter's module paths "
                    "against (default: the export's manifest, or base_model_name_or_path).")
+@click.option("--max-lora-rank", type=int, default=None, metavar="N",
+              help="With --check: the vllm serve --max-lora-rank the adapter must fit (default: the export's "
+                   "serve command, else 512). vLLM's own PEFTHelper checks it when vllm is installed.")
 @run_command
 def export(run: Path | None, fmt: str, out: Path | None, max_rank: int, max_error: float, allow_lossy: bool,
            adapter_name: str, checkpoint: int | None, dtype: str, force: bool, device: str, verify: bool,
-           skip_check: bool, base_weights: str, check_dir: Path | None, base: str | None) -> None:
+           skip_check: bool, base_weights: str, check_dir: Path | None, base: str | None,
+           max_lora_rank: int | None) -> None:
     """Export RUN (a run folder) for vLLM, or validate a folder with --check DIR.
 
     \b
@@ -82,7 +86,7 @@ def export(run: Path | None, fmt: str, out: Path | None, max_rank: int, max_erro
     if check_dir is not None:
         if run is not None:
             raise click.UsageError("give either RUN (to export) or --check DIR (to validate), not both")
-        _check(check_dir, base)
+        _check(check_dir, base, max_lora_rank)
         return
     if run is None:
         raise click.UsageError("missing RUN (a run folder), or --check DIR")
@@ -117,10 +121,10 @@ def load(run: Path, checkpoint: int | None, device: str):
     return loaded
 
 
-def _check(folder: Path, base: str | None) -> None:
+def _check(folder: Path, base: str | None, max_lora_rank: int | None) -> None:
     from pesocli.export import check_path
 
-    problems = check_path(folder, base)
+    problems = check_path(folder, base, max_lora_rank)
     for line in problems:
         click.echo(line)
     if problems:

@@ -9,7 +9,9 @@ Every rule of ``vllm-adapter-rules.md`` that can be checked without vLLM, one pr
   every ``<module>`` the **full path** of a linear (or embedding) module of the base model (a
   wrong prefix loads in vLLM and is never applied); ``target_modules`` selecting it; shapes
   ``lora_A (r, in)``, ``lora_B (out, r)``; one floating dtype; finite values. When ``vllm`` is
-  importable, its own ``PEFTHelper`` reads the config too.
+  importable, its own ``PEFTHelper`` reads the config and validates it against a ``LoRAConfig``
+  with the ``--max-lora-rank`` the adapter will be served with (an export's own serve command, or
+  what the caller passes; without vLLM the same rank rule is checked here).
 - model folder: ``config.json`` without ``quantization_config``; safetensors whose tensor
   names, shapes and dtype are exactly the model's (built from ``config.json`` on the meta
   device), all listed in the index; no stray safetensors or adapter files; a tokenizer with a
@@ -73,11 +75,14 @@ class Report:
             return str(path)
 
 
-def check_path(path: str | Path, base: str | Path | None = None) -> list[str]:
+def check_path(path: str | Path, base: str | Path | None = None,
+               max_lora_rank: int | None = None) -> list[str]:
     """Every problem of the export, adapter folder or model folder at ``path`` (empty: vLLM-ready).
 
     ``base`` overrides the base model an adapter is checked against (a folder or a cached id);
     by default it is the one the export's manifest names, or ``base_model_name_or_path``.
+    ``max_lora_rank`` is vLLM's ``--max-lora-rank`` the adapter must fit; by default the one in an
+    export's serve command, else the largest vLLM accepts.
     """
     root = Path(path).expanduser()
     report = Report(root)
@@ -96,11 +101,12 @@ def check_path(path: str | Path, base: str | Path | None = None) -> list[str]:
         if "adapter" in parts:
             adapter_base = base or (root / parts["adapter_base"] if "adapter_base" in parts
                                     else parts.get("adapter_base_external"))
-            check_adapter(root / parts["adapter"], adapter_base, report)
+            check_adapter(root / parts["adapter"], adapter_base, report,
+                          max_lora_rank or _served_max_lora_rank(manifest))
         if not parts:
             report.add(manifest_path, "names no parts (model/adapter)")
     elif (root / ADAPTER_CONFIG).is_file():
-        check_adapter(root, base, report)
+        check_adapter(root, base, report, max_lora_rank)
     elif (root / "config.json").is_file():
         check_model_folder(root, report)
     else:
@@ -109,6 +115,17 @@ def check_path(path: str | Path, base: str | Path | None = None) -> list[str]:
 
 
 _INVALID = object()
+
+
+def _served_max_lora_rank(manifest: dict[str, Any]) -> int | None:
+    """``--max-lora-rank`` of the export's ``serve_command`` (what serve.sh passes to vLLM)."""
+    import shlex
+
+    command = shlex.split(str(manifest.get("serve_command", "")))
+    if "--max-lora-rank" not in command[:-1]:
+        return None
+    value = command[command.index("--max-lora-rank") + 1]
+    return int(value) if value.isdigit() else None
 
 
 def _read_json(path: Path, report: Report) -> Any:
@@ -138,8 +155,10 @@ def check_hashes(root: Path, manifest: dict[str, Any], report: Report) -> None:
 # ------------------------------------------------------------------------------------ adapter
 
 
-def check_adapter(folder: Path, base: str | Path | None, report: Report) -> None:
-    """The adapter folder rules (see the module docstring)."""
+def check_adapter(folder: Path, base: str | Path | None, report: Report,
+                  max_lora_rank: int | None = None) -> None:
+    """The adapter folder rules (see the module docstring); ``max_lora_rank``: vLLM's
+    ``--max-lora-rank`` to fit (``None``: the largest allowed)."""
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
         report.add(folder, f"no {ADAPTER_CONFIG}")
@@ -151,7 +170,13 @@ def check_adapter(folder: Path, base: str | Path | None, report: Report) -> None
         report.add(config_path, "must be a JSON object")
         return
     rank = _check_adapter_config(config_path, config, report)
-    _check_with_vllm(folder, report)
+    served_rank = max_lora_rank or ALLOWED_RANKS[-1]
+    if not _check_with_vllm(folder, served_rank, report):
+        if served_rank not in ALLOWED_RANKS:
+            report.add(folder, f"--max-lora-rank {served_rank} is not one vLLM accepts {list(ALLOWED_RANKS)}")
+        elif rank is not None and rank > served_rank:
+            report.add(config_path, f"r={rank} is greater than --max-lora-rank {served_rank}: vLLM refuses "
+                                    "to load it (serve with a larger --max-lora-rank)")
 
     weights = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
@@ -315,20 +340,32 @@ def _resolve_base(name: str) -> Path | None:
     return resolved.path
 
 
-def _check_with_vllm(folder: Path, report: Report) -> None:
-    """vLLM's own reading of ``adapter_config.json``, when vLLM is installed (absent on CPU machines)."""
+def _check_with_vllm(folder: Path, max_lora_rank: int, report: Report) -> bool:
+    """vLLM's own ``PEFTHelper`` reads ``adapter_config.json`` and validates it against a
+    ``LoRAConfig(max_lora_rank=...)``, as ``vllm serve --enable-lora`` does when it loads the adapter.
+
+    Returns ``False`` when vLLM is not importable (the caller then checks the rank rule itself).
+    """
     try:
         from vllm.config import LoRAConfig
         from vllm.lora.peft_helper import PEFTHelper
-
-        lora_config = LoRAConfig(max_lora_rank=ALLOWED_RANKS[-1])
-    except Exception:  # noqa: BLE001 - vLLM absent, or an API this code does not know
-        return
+    except Exception:  # noqa: BLE001 - vLLM absent (CPU machines without the vLLM venv) or broken
+        return False
+    try:
+        lora_config = LoRAConfig(max_lora_rank=max_lora_rank)
+    except Exception as exc:  # noqa: BLE001 - pydantic's message is long; its first line says it
+        report.add(folder, f"vLLM refuses --max-lora-rank {max_lora_rank}: {_first_line(exc)}")
+        return True
     try:
         helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=None)
         helper.validate_legal(lora_config)
     except Exception as exc:  # noqa: BLE001 - whatever vLLM raises is the problem to show
-        report.add(folder, f"vLLM's PEFTHelper rejects it: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        report.add(folder, f"vLLM's PEFTHelper rejects it: {_first_line(exc)}")
+    return True
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
 
 
 # ------------------------------------------------------------------------------- model folder
