@@ -240,6 +240,7 @@ KEYS_ADDED_LATER: dict[tuple[str, str], object] = {
     ("checkpoint", "every_minutes"): 0,  # set to 0 by job_overrides; checkpoints never change training
     ("method", "rotate_second_moment"): False,
     ("method", "reset_moments"): False,
+    ("method", "transport_moments"): False,
     ("method", "anchor_keep_energy"): 1.0,
     ("method", "anchor_max_rank"): None,
     ("method", "anchor_dtype"): "fp32",

@@ -351,6 +351,30 @@ def test_second_moment_rotation_uses_the_squared_rotation(factors):
     assert bool((optimizer.moments(delta.lora_A)[1] >= 0).all())
 
 
+def test_transported_moments_are_the_gradient_average_in_the_new_factors(factors):
+    """``transport_moments`` with ``tau1 = tau2 = 1`` (a pure SVD re-split of the same product): moments
+    that are ``M lora_A^T`` and ``lora_B^T M`` for a full-gradient average ``M`` become exactly
+    ``M lora_A'^T`` and ``lora_B'^T M`` of the new factors; D.1's rotation (``T = I`` here) does not."""
+    for transport in (True, False):
+        method = _method(rescale_moments=False, beta2_warmup=False, tau1=1.0, tau2=1.0,
+                         transport_moments=transport)
+        layer, optimizer, g = _trained_state(method, factors)
+        delta = layer.delta
+        product = delta.weight().clone()
+        big_m = torch.randn(OUT, IN)
+        optimizer.moments(delta.lora_B)[0].copy_(big_m @ delta.lora_A.detach().T)
+        optimizer.moments(delta.lora_A)[0].copy_(delta.lora_B.detach().T @ big_m)
+        _restart(method, layer, optimizer, g, step=9)
+        close(delta.weight(), product)  # the same product, other factors
+        expected_b = big_m @ delta.lora_A.detach().T
+        expected_a = delta.lora_B.detach().T @ big_m
+        if transport:
+            close(optimizer.moments(delta.lora_B)[0], expected_b)
+            close(optimizer.moments(delta.lora_A)[0], expected_a)
+        else:
+            assert not torch.allclose(optimizer.moments(delta.lora_B)[0], expected_b, atol=1e-3)
+
+
 def test_reset_moments_forgets_the_optimizer_state_at_a_restart(factors):
     """``reset_moments``: Adam starts afresh on the new factors (no moments, step count 0, no D.2)."""
     method = _method(reset_moments=True)  # D.2 requested too: reset replaces it

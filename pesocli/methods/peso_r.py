@@ -95,6 +95,13 @@ class PesoRConfig(LoRAOneConfig):
     """Also carry ``v`` into the new bases, ``v_A <- v_A (T_A o T_A)``, ``v_B <- (T_B o T_B)^T v_B``
     (``o``: elementwise product), the second moment of ``g T`` if the coordinates of ``g`` were
     independent. Not in the paper (D.1 rotates ``m`` only and leaves ``v`` in the old coordinates)."""
+    transport_moments: bool = False
+    """Carry the moments by the change of factor coordinates instead of D.1's ``T_A``, ``T_B``:
+    ``m_A <- m_A C_A`` with ``C_A = pinv(B^T) B_new^T`` and ``m_B <- C_B^T m_B`` with
+    ``C_B = pinv(A) A_new`` (``v`` by the squared entries, with ``rotate_second_moment``). A moment
+    ``m_A = M B^T`` of a full-gradient average ``M`` becomes ``M P_B B_new^T`` (``P_B`` the projection on
+    the old row space): exact when the subspace does not turn (``tau1 = 1``), where D.1's ``T = I``
+    leaves the moments tied to the old columns although the SVD re-split changed them. Not in the paper."""
     reset_moments: bool = False
     """Forget both moments of ``A`` and ``B`` at every restart after the first (Adam restarts with its
     own bias correction, as at step 0); replaces ``rotate_momentum``, ``rotate_second_moment`` and D.2.
@@ -247,7 +254,10 @@ class PesoR(LoRA):
                 for param in (delta.lora_A, delta.lora_B):
                     opt.reset_state(param)
             else:
-                carry_moments(opt, delta, aligned, first=c.rotate_momentum, second=c.rotate_second_moment)
+                maps = (transport_maps(a, b, aligned.a_new, aligned.b_new) if c.transport_moments
+                        else (aligned.rotate_a, aligned.rotate_b))
+                carry_moments(opt, delta, maps, first=c.rotate_momentum or c.transport_moments,
+                              second=c.rotate_second_moment)
             for param in (delta.lora_A, delta.lora_B):
                 if c.beta2_warmup and not c.reset_moments:
                     opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
@@ -293,13 +303,26 @@ class PesoR(LoRA):
         self.rescale_pending = bool(state["rescale_pending"])
 
 
-def carry_moments(opt, delta: LoRADelta, aligned: AlignedRestart, *, first: bool, second: bool) -> None:
-    """D.1's moment rotation into the new bases: ``m_A <- m_A T_A``, ``m_B <- T_B^T m_B`` (``first``),
-    and with ``second`` the same map on ``v`` with the squared entries of ``T`` (a second moment stays
-    non-negative). ``lora_B`` (out, r) is the paper's ``A``, ``lora_A`` (r, in) its ``B``."""
+def transport_maps(
+    a: torch.Tensor, b: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C_A, C_B)``, both (r, r): ``C_A = pinv(B^T) B_new^T``, ``C_B = pinv(A) A_new`` for paper factors
+    ``A`` (out, r), ``B`` (r, in) before and after a restart (see ``transport_moments``)."""
+    c_a = torch.linalg.pinv(b.double().T) @ b_new.double().T
+    c_b = torch.linalg.pinv(a.double()) @ a_new.double()
+    return c_a.float(), c_b.float()
+
+
+def carry_moments(
+    opt, delta: LoRADelta, maps: tuple[torch.Tensor, torch.Tensor], *, first: bool, second: bool
+) -> None:
+    """Moments into the new factors: ``m_A <- m_A T_A``, ``m_B <- T_B^T m_B`` (``first``; D.1's
+    ``T_A``, ``T_B`` or :func:`transport_maps`), and with ``second`` the same map on ``v`` with the
+    squared entries of ``T`` (a second moment stays non-negative). ``lora_B`` (out, r) is the paper's
+    ``A``, ``lora_A`` (r, in) its ``B``."""
     if not (first or second):
         return
-    t_a, t_b = aligned.rotate_a, aligned.rotate_b
+    t_a, t_b = maps
     m_b, v_b = opt.moments(delta.lora_B)
     m_a, v_a = opt.moments(delta.lora_A)
     if first:
