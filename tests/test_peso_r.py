@@ -140,8 +140,9 @@ def test_align_restart_matches_reference(factors, orthonormal_ema, gamma_later):
 
 # ---- a full restart on a layer with an optimizer -------------------------------------------------
 def _method(**options) -> PesoR:
-    """peso-r on one layer, with the paper's D.2 (moment rescale + beta2 warm-up) unless ``options`` say."""
-    options = {"rescale_moments": True, "beta2_warmup": True, **options}
+    """peso-r on one layer, with the paper's D.1 moment rotation and D.2 (moment rescale + beta2 warm-up)
+    unless ``options`` say."""
+    options = {"rescale_moments": True, "beta2_warmup": True, "transport_moments": False, **options}
     config = PesoRConfig(rank=R, alpha=ALPHA, restart_every=9, gamma=2.0, target_modules=("proj",), **options)
     method = PesoR(config)
     method.setup(total_steps=100, steps_per_epoch=100)
