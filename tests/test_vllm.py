@@ -112,7 +112,8 @@ def _peso(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smollm2_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 4-step peso-r run of SmolLM2-135M (restarts at steps 2; anchors absorbed), every format in fp32."""
+    """A 4-step peso-r run of SmolLM2-135M (a restart before step 3, 1-based; anchors absorbed), every
+    format in fp32."""
     root = tmp_path_factory.mktemp("smollm2-vllm")
     _peso("train", "--config", "commands/smollm2-135m-peso-r.yaml",
           "--data", "pesocli/assets/data/arith_train.jsonl", "--set", "train.max_steps=4",
@@ -120,7 +121,7 @@ def smollm2_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
           "--set", "checkpoint.every=100", "--set", f"train.output_dir={root}", "--set", "train.run_name=r",
           "--set", "train.quiet=true")
     restarts = [json.loads(line) for line in (root / "r" / "restarts.jsonl").read_text().splitlines()]
-    assert {e["step"] for e in restarts if e["kind"] == "restart"} == {2}
+    assert {e["step"] for e in restarts if e["kind"] == "restart"} == {3}  # 1-based, as restarts.jsonl v2
     outs = {}
     for fmt in FORMATS:
         outs[fmt] = root / fmt
