@@ -267,10 +267,10 @@ class PesoR(LoRA):
                         else (aligned.rotate_a, aligned.rotate_b))
                 carry_moments(opt, delta, maps, first=c.rotate_momentum,
                               second=c.rotate_second_moment)
-            for param in (delta.lora_A, delta.lora_B):
-                if c.beta2_warmup and not c.reset_moments:
-                    opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
-                                         tracked=c.bias_correction == "tracked")
+                if c.beta2_warmup:
+                    for param in (delta.lora_A, delta.lora_B):
+                        opt.set_beta2_warmup(param, self.beta2_window, c.beta2_min,
+                                             tracked=c.bias_correction == "tracked")
             u, s, _ = negated_top_r(estimate, c.rank)
             # what the restart explores: the old adapter subspace vs the new gradient's top-r subspace;
             # the adapter itself turns only part of the way (tau1), recorded as adapter_rotation_deg
