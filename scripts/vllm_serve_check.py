@@ -528,6 +528,8 @@ def bench_one(spec: dict) -> dict:
     import vllm
     from vllm.lora.request import LoRARequest
 
+    from pesocli.evaluate.backends import shutdown_engine
+
     kwargs = {}
     if spec["loras"]:
         kwargs = {"enable_lora": True, "max_loras": len(spec["loras"]),
@@ -547,6 +549,7 @@ def bench_one(spec: dict) -> dict:
     outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     seconds = time.time() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    shutdown_engine(llm)
     return {"load_s": load_s, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "max_lora_rank": spec["max_lora_rank"], "adapters": len(requests)}
 

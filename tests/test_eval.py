@@ -394,6 +394,52 @@ def test_missing_optional_backends_are_one_line_errors(run_dir: Path) -> None:
     )
 
 
+def test_the_backend_is_closed_after_the_eval_and_after_a_failure(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_eval`` closes its backend (vLLM's engine process goes down then, not at interpreter exit,
+    where vLLM 0.32's CPU build can abort after the results were written) on success and on error."""
+    from pesocli.evaluate import runner
+
+    closed: list[str] = []
+    real_backend = runner._backend
+
+    def closing_backend(target, cfg):
+        backend, step, template = real_backend(target, cfg)
+        backend.close = lambda: closed.append("closed")
+        return backend, step, template
+
+    monkeypatch.setattr(runner, "_backend", closing_backend)
+    _eval([str(run_dir), "--metric", "perplexity", "--out", str(tmp_path / "ok"), *FAST])
+    assert closed == ["closed"]
+
+    def failing_measure(*args, **kwargs):
+        raise RuntimeError("engine died")
+
+    monkeypatch.setattr(runner, "_measure", failing_measure)
+    with pytest.raises(RuntimeError, match="engine died"):
+        CliRunner().invoke(main, ["eval", str(run_dir), "--out", str(tmp_path / "bad"), *FAST],
+                           catch_exceptions=False)
+    assert closed == ["closed", "closed"]
+    assert not (tmp_path / "bad" / "eval.json").exists()
+
+
+def test_vllm_backend_close_shuts_the_engine_down_once() -> None:
+    """``VLLMBackend.close`` calls the engine client's ``shutdown`` (which detaches vLLM's exit-time
+    finalizer) once, however often it is called; no vLLM needed."""
+    from types import SimpleNamespace
+
+    from pesocli.evaluate.backends import VLLMBackend
+
+    calls: list[str] = []
+    backend = VLLMBackend.__new__(VLLMBackend)
+    backend.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(
+        shutdown=lambda: calls.append("shutdown"))))
+    backend.close()
+    backend.close()
+    assert calls == ["shutdown"] and backend.llm is None
+
+
 def test_eval_help() -> None:
     result = CliRunner().invoke(main, ["eval", "--help"])
     assert result.exit_code == 0

@@ -12,6 +12,7 @@ one); :class:`VLLMBackend` serves an export or model folder with vLLM, the adapt
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -129,6 +130,22 @@ VLLM_STEP_TIMEOUT_S = "3600"
 """``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` unless the user set it (vLLM's default: 300)."""
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Shut the engine process of a ``vllm.LLM`` down now, while the interpreter is whole.
+
+    Left to vLLM's own finalizers, the engine is stopped at interpreter exit: its process manager
+    sends the engine SIGTERM, vLLM's monitor thread (a daemon) can then see the engine "exit
+    unexpectedly" and run the client's shutdown while Python is tearing down, and vLLM 0.32's CPU
+    build at times aborts there ("terminate called without an active exception", exit code -6)
+    after every result was written (seen in CI on one of three evals). An explicit shutdown
+    detaches that finalizer, so the monitor thread returns without work.
+    """
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    gc.collect()
+
+
 class VLLMBackend:
     """An export or model folder served in-process by ``vllm.LLM`` (adapters as a ``LoRARequest``).
 
@@ -194,6 +211,12 @@ class VLLMBackend:
         self.context_length = context
         self.batch_size = cfg.batch_size
         self._vllm = vllm
+
+    def close(self) -> None:
+        """Shut vLLM's engine process down now (:func:`shutdown_engine`); later calls do nothing."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown_engine(llm)
 
     def _run(self, prompts: Sequence[list[int]], params: Any, advance: Advance) -> list[Any]:
         outputs = []

@@ -88,30 +88,35 @@ def run_eval(spec: str, cfg: EvalConfig, console: Console | None = None) -> Eval
             load_prompt_template(cfg.template)
 
     backend, step, run_template = _backend(target, cfg)
-    template_name = cfg.template or run_template or "alpaca"
-    max_length = min(cfg.max_length, backend.context_length or cfg.max_length)
     where = f"{target.kind} {target.path or target.spec}" + (f" (step {step})" if step is not None else "")
-    if data is not None:
-        console.print(
-            f"[bold]peso eval[/bold] {where}: {', '.join(metrics)} on {len(data.records)} "
-            f"{data.format} records of {data.path} ({backend.name} backend)"
-        )
-    raw_tasks: dict[str, Any] | None = None
-    if cfg.tasks:
-        from pesocli.evaluate.lm_eval_bridge import run_tasks
+    try:
+        template_name = cfg.template or run_template or "alpaca"
+        max_length = min(cfg.max_length, backend.context_length or cfg.max_length)
+        if data is not None:
+            console.print(
+                f"[bold]peso eval[/bold] {where}: {', '.join(metrics)} on {len(data.records)} "
+                f"{data.format} records of {data.path} ({backend.name} backend)"
+            )
+        raw_tasks: dict[str, Any] | None = None
+        if cfg.tasks:
+            from pesocli.evaluate.lm_eval_bridge import run_tasks
 
-        console.print(f"[bold]peso eval[/bold] {where}: lm-eval tasks {', '.join(cfg.tasks)}")
-        results, raw_tasks = run_tasks(
-            backend.model,
-            backend.tokenizer,
-            cfg.tasks,
-            batch_size=cfg.batch_size,
-            limit=cfg.limit,
-            num_fewshot=cfg.num_fewshot,
-        )
-    else:
-        assert data is not None
-        results = _measure(backend, data, metrics, cfg, template_name, max_length)
+            console.print(f"[bold]peso eval[/bold] {where}: lm-eval tasks {', '.join(cfg.tasks)}")
+            results, raw_tasks = run_tasks(
+                backend.model,
+                backend.tokenizer,
+                cfg.tasks,
+                batch_size=cfg.batch_size,
+                limit=cfg.limit,
+                num_fewshot=cfg.num_fewshot,
+            )
+        else:
+            assert data is not None
+            results = _measure(backend, data, metrics, cfg, template_name, max_length)
+    finally:  # vLLM's engine process goes down here, not at interpreter exit (VLLMBackend.close)
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
 
     asked = Path(cfg.out) if cfg.out is not None else default_out_dir(target)
     out_dir = fresh_out_dir(asked)
