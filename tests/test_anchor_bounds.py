@@ -186,7 +186,7 @@ def test_fold_state_reloads_into_the_base_or_unfolds_to_a_dense_anchor() -> None
 def test_bad_anchor_keys_are_one_line_config_errors(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, {f"method.{key}": value})
-    with pytest.raises(ConfigError, match="truncate a lowrank anchor only"):
+    with pytest.raises(ConfigError, match="truncates a lowrank anchor only"):
         load_config(None, {"method.anchor_mode": "fold", "method.anchor_keep_energy": "0.9"})
 
 
@@ -208,7 +208,7 @@ QUICK = {
 OPTIONS = {
     "keep-energy": {"method.anchor_keep_energy": 0.9},
     "max-rank": {"method.anchor_max_rank": 4},
-    "bf16": {"method.anchor_dtype": "bf16"},
+    "bf16": {"method.anchor_dtype": "bf16", "method.anchor_max_rank": "null"},  # exact, only stored in bf16
     "fold": {"method.anchor_mode": "fold"},
 }
 
@@ -288,3 +288,16 @@ def test_bf16_anchor_is_saved_for_backward_as_is_not_widened() -> None:
         layer(torch.randn(3, IN, requires_grad=True)).sum()
     anchor_shaped = [t for t in saved if t.shape in ((OUT, 40), (40, IN))]
     assert len(anchor_shaped) == 2 and all(t.dtype == torch.bfloat16 for t in anchor_shaped)
+
+
+def test_peso_r_caps_its_anchor_by_default_and_other_modes_ignore_the_cap() -> None:
+    """peso-r's default anchor is capped at rank 16 ([perf]); the baselines keep theirs exact; fold and
+    dense anchors (exact by construction) still validate under peso-r's default cap."""
+    assert load_config(None, {"method.name": "peso-r"}).method.anchor_max_rank == 16
+    for name in ("relora", "rac-lora", "lora"):
+        assert load_config(None, {"method.name": name}).method.anchor_max_rank is None
+    for mode in ("fold", "dense"):
+        method = load_config(None, {"method.name": "peso-r", "method.anchor_mode": mode}).method
+        assert method.anchor_mode == mode
+    exact = load_config(None, {"method.name": "peso-r", "method.anchor_max_rank": "null"}).method
+    assert exact.anchor_max_rank is None

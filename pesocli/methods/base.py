@@ -79,7 +79,8 @@ class MethodConfig:
     anchor_max_rank: int | None = None
     """A hard cap on a low-rank anchor's rank: after every absorb it is truncated to its top
     ``anchor_max_rank`` components (lossy, dropped energy recorded like ``anchor_keep_energy``), so its
-    cost per step stops growing with the number of restarts. ``None``: no cap beyond the exact one."""
+    cost per step stops growing with the number of restarts. ``None``: no cap beyond the exact one.
+    Dense and folded anchors ignore it (they hold ``W~`` exactly)."""
     anchor_dtype: str = "fp32"
     """Storage dtype of a ``lowrank`` or ``dense`` anchor: ``fp32`` or ``bf16`` (half the memory; the
     anchor's products still run in the wider of the activations' and the adapter's dtype)."""
@@ -105,9 +106,10 @@ class MethodConfig:
             errors.append(f"method.anchor_max_rank must be >= 1 or None (got {self.anchor_max_rank})")
         if self.anchor_dtype not in ("fp32", "bf16"):
             errors.append(f"method.anchor_dtype must be fp32 or bf16 (got {self.anchor_dtype!r})")
-        lossy = self.anchor_keep_energy < 1.0 or self.anchor_max_rank is not None
-        if lossy and self.anchor_mode != "lowrank":
-            errors.append("method.anchor_keep_energy / anchor_max_rank truncate a lowrank anchor only "
+        # anchor_max_rank is ignored by dense and folded anchors (they hold W~ exactly), so that a method
+        # whose default caps its lowrank anchor (peso-r) still runs with anchor_mode fold or dense
+        if self.anchor_keep_energy < 1.0 and self.anchor_mode != "lowrank":
+            errors.append("method.anchor_keep_energy truncates a lowrank anchor only "
                           f"(method.anchor_mode is {self.anchor_mode})")
         if self.anchor_dtype != "fp32" and self.anchor_mode == "fold":
             errors.append("method.anchor_dtype does not apply to anchor_mode fold (the base holds W~)")

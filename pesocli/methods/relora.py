@@ -11,6 +11,12 @@ them), per layer:
    ``lora_A`` Kaiming-uniform, ``lora_B`` zero);
 3. optimizer: ``prune`` (ReLoRA's partial reset) keeps the ``1 - prune_ratio`` largest-magnitude
    entries of each moment tensor, zeros the rest and keeps the step count; ``reset`` forgets it all.
+   Deviation: ReLoRA's and axolotl's code prune ``exp_avg`` and ``exp_avg_sq`` independently, so an
+   entry can keep its first moment and lose its second, and Adam's step there is ``m / eps``; on the
+   re-drawn ``lora_A``, whose gradient is zero until ``lora_B`` moves, nothing refills ``v``. Measured
+   on SmolLM2-135M (docs/BENCHMARKS.md [real-model]): the first restart sent the loss from 3.29 to
+   9.80 (pystdlib) and 2.93 to 8.50 (facts). Here a first moment is also zeroed wherever the second
+   moment was pruned.
 
 Jagged learning rate (:meth:`ReLoRA.lr_multiplier`, multiplied into the run's schedule): the step
 ``j`` steps after a restart runs at ``j / W`` of it, ``W = restart_warmup_steps`` (clipped to
@@ -169,8 +175,11 @@ class ReLoRA(LoRA):
             return 1.0
         zeros = total = 0
         for param in params:
-            for moment in optimizer.moments(param):
-                prune_by_magnitude_(moment, self.config.prune_ratio)
+            first, second = optimizer.moments(param)
+            prune_by_magnitude_(first, self.config.prune_ratio)
+            prune_by_magnitude_(second, self.config.prune_ratio)
+            first.masked_fill_(second == 0, 0.0)  # no m without v: Adam would step m / eps there
+            for moment in (first, second):
                 zeros += int((moment == 0).sum())
                 total += moment.numel()
         return zeros / max(total, 1)
