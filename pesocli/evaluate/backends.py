@@ -12,7 +12,6 @@ one); :class:`VLLMBackend` serves an export or model folder with vLLM, the adapt
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -53,6 +52,9 @@ class HFBackend:
         )
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(tokenizer, getattr(model, "generation_config", None))
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller (the backends share ``close``)."""
 
     def sequence_nll(self, examples: Sequence[Example], advance: Advance) -> list[tuple[float, int]]:
         import torch
@@ -143,7 +145,6 @@ def shutdown_engine(llm: Any) -> None:
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine_core is not None and hasattr(engine_core, "shutdown"):
         engine_core.shutdown()
-    gc.collect()
 
 
 class VLLMBackend:

@@ -114,9 +114,7 @@ def run_eval(spec: str, cfg: EvalConfig, console: Console | None = None) -> Eval
             assert data is not None
             results = _measure(backend, data, metrics, cfg, template_name, max_length)
     finally:  # vLLM's engine process goes down here, not at interpreter exit (VLLMBackend.close)
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
+        backend.close()
 
     asked = Path(cfg.out) if cfg.out is not None else default_out_dir(target)
     out_dir = fresh_out_dir(asked)
